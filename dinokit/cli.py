@@ -71,6 +71,25 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 # ---------------------------------------------------------------- publishing: export, push, plot
 
 
+@app.command("push")
+def push_cmd(
+    folder: Path = typer.Argument(..., help="An exported model folder (config.json + model.safetensors)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub model repo, org/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo as private."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created from main)."),
+    token: str | None = typer.Option(None, "--token", help="Hub token; default HF_TOKEN or the saved login."),
+    message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
+) -> None:
+    """Upload an exported model folder to the Hugging Face Hub and print the commit URL."""
+    from dinokit.publish import PushError, push
+
+    try:
+        url = push(folder, repo_id, private=private, revision=revision, token=token, commit_message=message)
+    except (FileNotFoundError, ValueError, PushError) as exc:
+        _fail(str(exc))
+    out.print(url, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
