@@ -1,0 +1,87 @@
+"""Eval preprocessing: DINO's official k-NN / linear-eval transform, sized from the model's config.
+
+Official: ``Resize(256, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet)``. Here the
+sizes come from ``model.pretrained_cfg`` (input_size, crop_pct = 224/256, interpolation, mean, std),
+so a model with another input size gets the same recipe scaled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from dinokit.data.images import to_rgb
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_DEFAULTS: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "crop_pct": 0.875,
+    "interpolation": "bicubic",
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+}
+
+_INTERP = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+    "lanczos": T.InterpolationMode.LANCZOS,
+    "box": T.InterpolationMode.BOX,
+    "hamming": T.InterpolationMode.HAMMING,
+}
+
+
+def preprocessing_config(cfg_or_model: nn.Module | Mapping[str, Any] | None = None,
+                         image_size: int | None = None) -> dict[str, Any]:
+    """The resolved eval settings: crop size, resize size, interpolation, mean and std.
+
+    ``cfg_or_model`` is a model (its ``pretrained_cfg`` is used), a pretrained_cfg-like mapping, or
+    None (DINO defaults). ``image_size`` overrides the crop size; the resize keeps the crop ratio.
+    """
+    if isinstance(cfg_or_model, nn.Module):
+        cfg = dict(getattr(cfg_or_model, "pretrained_cfg", None) or {})
+    else:
+        cfg = dict(cfg_or_model or {})
+    cfg = {**_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    crop = int(image_size) if image_size is not None else int(cfg["input_size"][-1])
+    crop_pct = float(cfg["crop_pct"])
+    interp = str(cfg["interpolation"])
+    if interp not in _INTERP:
+        raise ValueError(f"interpolation {interp!r}: expected one of {sorted(_INTERP)}")
+    return {
+        "crop_size": crop,
+        # timm and DINO both floor: 224 / 0.875 = 256 exactly.
+        "resize_size": math.floor(crop / crop_pct),
+        "interpolation": interp,
+        "mean": tuple(float(m) for m in cfg["mean"]),
+        "std": tuple(float(s) for s in cfg["std"]),
+    }
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    # Module-level (not a lambda) so the transform pickles into DataLoader worker processes.
+    return img if img.mode == "RGB" else to_rgb(img)
+
+
+def eval_transform(cfg_or_model: nn.Module | Mapping[str, Any] | None = None,
+                   image_size: int | None = None) -> T.Compose:
+    """PIL image (any mode) -> normalized float tensor (3, S, S), S = crop size.
+
+    Resize the short side to ``floor(S / crop_pct)`` (bicubic, antialiased), center-crop S,
+    scale to [0, 1], normalize with the model's mean/std. Grayscale becomes 3 equal channels.
+    """
+    p = preprocessing_config(cfg_or_model, image_size)
+    return T.Compose([
+        T.Lambda(_rgb),
+        T.Resize(p["resize_size"], interpolation=_INTERP[p["interpolation"]], antialias=True),
+        T.CenterCrop(p["crop_size"]),
+        T.ToTensor(),
+        T.Normalize(p["mean"], p["std"]),
+    ])
