@@ -1,0 +1,152 @@
+"""dinokit.embed: inputs of every kind, feature kinds checked by hand, feature files, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_vit
+from PIL import Image
+from test_images import write_bad_files
+
+from dinokit.data.images import ImageError, load_rgb
+from dinokit.data.transforms import eval_transform
+from dinokit.embed import Embeddings, compute_features, embed, load_embeddings
+
+
+def _write_mode_images(root: Path) -> list[str]:
+    """One good image per Pillow mode, in nested folders; returns their relative names (sorted)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    gray = rgb[..., 1]
+    imgs = {
+        "rgb/a.jpg": Image.fromarray(rgb),
+        "gray/l.png": Image.fromarray(gray),
+        "gray/la.png": Image.fromarray(np.stack([gray, gray], -1), mode="LA"),
+        "p.png": Image.fromarray(gray).convert("P"),
+        "rgba.png": Image.fromarray(np.concatenate([rgb, gray[..., None]], -1), mode="RGBA"),
+        "cmyk.tiff": Image.fromarray(rgb).convert("CMYK"),
+        "deep/er/i16.png": Image.fromarray(gray.astype(np.uint16) * 257),
+    }
+    for rel, img in imgs.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        img.save(root / rel)
+    return sorted(imgs)
+
+
+def _manual(model: torch.nn.Module, paths: list[Path], size: int) -> torch.Tensor:
+    t = eval_transform(model, image_size=size)
+    with torch.no_grad():
+        return model(torch.stack([t(load_rgb(p)) for p in paths]))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_embed_folder_skips_bad_files(tmp_path: Path, tiny_vit: torch.nn.Module, workers: int) -> None:
+    good = _write_mode_images(tmp_path)
+    bad = write_bad_files(tmp_path / "bad")
+    calls: list[tuple[int, int]] = []
+    emb = embed(tiny_vit, tmp_path, batch_size=3, num_workers=workers, image_size=32,
+                progress=lambda d, t: calls.append((d, t)))
+    assert emb.paths == good  # relative, sorted, bad files removed
+    assert sorted(p for p, _ in emb.skipped) == sorted(f"bad/{n}" for n in bad)
+    reasons = dict(emb.skipped)
+    for name, word in bad.items():
+        assert word in reasons[f"bad/{name}"]
+    ref = _manual(tiny_vit, [tmp_path / p for p in good], 32)
+    assert emb.features.dtype == torch.float32 and emb.features.shape == (len(good), 48)
+    torch.testing.assert_close(emb.features, ref, atol=1e-5, rtol=1e-5)
+    assert calls[-1] == (len(good) + len(bad), len(good) + len(bad))
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    with pytest.raises(ImageError, match=r"bad/\w+\.\w+: "):
+        embed(tiny_vit, tmp_path, batch_size=4, num_workers=0, image_size=32, strict=True)
+
+
+def test_embed_arrays_tensors_and_paths(tiny_vit: torch.nn.Module, tmp_path: Path) -> None:
+    arr = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    t = eval_transform(tiny_vit, image_size=32)
+    with torch.no_grad():
+        ref = tiny_vit(torch.stack([t(Image.fromarray(a)) for a in arr]))
+    e1 = embed(tiny_vit, arr, batch_size=2, num_workers=0, image_size=32)
+    assert e1.paths == ["0", "1", "2", "3", "4"] and e1.skipped == []
+    torch.testing.assert_close(e1.features, ref, atol=1e-5, rtol=1e-5)
+    e2 = embed(tiny_vit, torch.from_numpy(arr), batch_size=4, num_workers=1, image_size=32)
+    torch.testing.assert_close(e2.features, ref, atol=1e-5, rtol=1e-5)
+    # RGB arrays, and float tensors taken as ready model input
+    rgb = np.random.default_rng(2).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
+    x = torch.stack([t(Image.fromarray(a)) for a in rgb])
+    e3 = embed(tiny_vit, rgb, num_workers=0, image_size=32)
+    e4 = embed(tiny_vit, x, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(e3.features, tiny_vit(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(e4.features, tiny_vit(x), atol=1e-5, rtol=1e-5)
+    # a list of paths keeps the given order and names
+    for i, a in enumerate(rgb):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    paths = [tmp_path / "2.png", tmp_path / "0.png"]
+    e5 = embed(tiny_vit, paths, num_workers=0, image_size=32)
+    assert e5.paths == [str(p) for p in paths]
+    torch.testing.assert_close(e5.features, e3.features[[2, 0]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dtype"):
+        embed(tiny_vit, arr.astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        embed(tiny_vit, tmp_path / "missing")
+
+
+def _tokens_by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Token sequences after each block, computed step by step (independent of timm's helpers)."""
+    h = model.patch_embed(x)
+    h = model._pos_embed(h)
+    h = model.norm_pre(h)
+    outs = []
+    for blk in model.blocks:
+        h = blk(h)
+        outs.append(h)
+    return outs
+
+
+def test_feature_kinds_match_official_definitions() -> None:
+    model = make_tiny_vit(depth=5)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = _tokens_by_hand(model, x)
+        last = model.norm(outs[-1])
+        cls = compute_features(model, x, "cls")
+        torch.testing.assert_close(cls, last[:, 0], atol=1e-5, rtol=1e-5)
+        avg = compute_features(model, x, "cls+avgpool")
+        torch.testing.assert_close(avg, torch.cat([last[:, 0], last[:, 1:].mean(1)], -1), atol=1e-5, rtol=1e-5)
+        last4 = compute_features(model, x, "last4")
+        ref4 = torch.cat([model.norm(o)[:, 0] for o in outs[-4:]], -1)
+        assert last4.shape == (3, 4 * 48)
+        torch.testing.assert_close(last4, ref4, atol=1e-5, rtol=1e-5)
+        patch = compute_features(model, x, "patch")
+        assert patch.shape == (3, 16, 48)
+        torch.testing.assert_close(patch, last[:, 1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="only 5 blocks"):
+        compute_features(model, x, "last6")
+    with pytest.raises(ValueError, match="expected one of"):
+        embed(model, x, features="avg")
+    e = embed(model, x, features="patch")
+    assert e.features.shape == (3, 16, 48)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy", ".safetensors"])
+def test_embeddings_save_load_roundtrip(tmp_path: Path, suffix: str) -> None:
+    feats = torch.randn(4, 6)
+    e = Embeddings(feats, ["a/1.jpg", "b/2.jpg", "c.png", "ü.png"], [("x.jpg", "empty file")],
+                   {"model": "m", "fingerprint": "abc"})
+    out = e.save(tmp_path / "sub" / f"f{suffix}")
+    assert [p.name for p in out.parent.iterdir()] == [f"f{suffix}"]  # no temp file left
+    back = load_embeddings(out)
+    torch.testing.assert_close(back.features, feats)
+    if suffix == ".npy":
+        assert back.paths == ["0", "1", "2", "3"]
+        np.testing.assert_array_equal(np.load(out), feats.numpy())
+    else:
+        assert back.paths == e.paths and back.info == e.info
+    if suffix == ".npz":  # the documented layout: arrays features and paths
+        z = np.load(out)
+        assert z["features"].dtype == np.float32 and list(z["paths"]) == e.paths
+    with pytest.raises(ValueError, match="unknown feature file type"):
+        e.save(tmp_path / "f.csv")
