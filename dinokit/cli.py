@@ -90,6 +90,22 @@ def push_cmd(
     out.print(url, highlight=False, soft_wrap=True)
 
 
+@app.command("plot")
+def plot_cmd(
+    run_dir: Path = typer.Argument(..., help="A training run folder (log_iter.jsonl, log_knn.jsonl)."),
+    out_png: Path | None = typer.Option(None, "--out", "-o", help="PNG to write [default: RUN_DIR/curves.png]."),
+    x: str = typer.Option("iteration", "--x", help="x axis: iteration or minutes."),
+) -> None:
+    """Draw loss, learning rate, teacher temperature and k-NN curves of a run to PNG."""
+    from dinokit.train.plot import plot_run
+
+    try:
+        path = plot_run(run_dir, out_png, x=x)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    out.print(str(path), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
