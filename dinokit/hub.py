@@ -230,12 +230,20 @@ def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
     cfg = _config_for(sd, config, source, model_args)
     sd = drop_classifier(sd)
     try:
-        model = from_backbone_config(cfg)
+        # Build on the meta device: no time spent on a random init the weights replace anyway.
+        with torch.device("meta"):
+            model = from_backbone_config(cfg)
     except Exception as e:
         raise CheckpointError(f"{source}: cannot build {cfg.get('architecture')} "
                               f"with {cfg.get('model_args')} ({type(e).__name__}: {e})") from e
     sd = check_state_dict(model, sd, source)
-    model.load_state_dict(sd, strict=True)
+    expected = model.state_dict()
+    sd = {k: v.to(dtype=expected[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # buffers outside the state dict: rebuild for real and copy the weights in
+        model = from_backbone_config(cfg)
+        model.load_state_dict(sd, strict=True)
     log.debug("%s: loaded %s (%s)", source, cfg["architecture"], extras.get("layout"))
     return model.eval()
 

@@ -117,7 +117,7 @@ def fetch_state_dict(entry: ModelEntry) -> dict[str, torch.Tensor]:
     try:
         sd = torch.hub.load_state_dict_from_url(entry.url, file_name=entry.file_name, map_location="cpu",
                                                 progress=False, check_hash=False, weights_only=True)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; torch wraps some failures in RuntimeError
+    except Exception as e:  # URLError (an OSError) offline; UnpicklingError/RuntimeError for a bad file
         if target.is_file():
             raise ValueError(f"{target}: cannot load {entry.name} weights ({type(e).__name__}: {e})") from e
         raise WeightsNotFoundError(
