@@ -56,7 +56,181 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 # ---------------------------------------------------------------- foundation: models, convert, embed
 
 
+def _foundation_progress(description: str) -> Any:
+    """A transient rich progress bar on stderr and the ``progress(done, total)`` callback for it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True)
+    task = bar.add_task(description, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command("models")
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
+    """List the known DINO weights (registry names usable as --model / dinokit.load).
+
+    Example: dinokit models --json
+    """
+    from rich.table import Table
+
+    from dinokit.models.registry import list_models
+
+    entries = list_models()
+    if as_json:
+        _print_json([{**e.to_dict(), "cached": e.cache_path().is_file()} for e in entries])
+        return
+    table = Table(title="DINO weights (ImageNet top-1, official)")
+    for col in ("name", "arch", "dim", "k-NN", "linear", "timm hub id", "cached"):
+        table.add_column(col, justify="right" if col in ("dim", "k-NN", "linear") else "left")
+    for e in entries:
+        table.add_row(e.name, e.arch, str(e.embed_dim), f"{e.knn_top1:.1f}", f"{e.linear_top1:.1f}",
+                      e.timm_hub_id or "-", "yes" if e.cache_path().is_file() else "no")
+    out.print(table)
+
+
+@app.command("convert")
+def convert_cmd(
+    source: str = typer.Argument(..., help="Registry name, checkpoint file, folder or HF Hub repo id."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write (timm layout: config.json, "
+                                 "model.safetensors, README.md)."),
+    which: str = typer.Option("teacher", "--which", help="teacher or student (full training checkpoints)."),
+    name: str | None = typer.Option(None, "--name", help="Model name in the card (default: folder name)."),
+) -> None:
+    """Convert any DINO checkpoint into a timm-compatible folder.
+
+    Example: dinokit convert dino_deitsmall16_pretrain.pth --out dino-vits16/
+    """
+    from dinokit.hub import load, save
+    from dinokit.models.backbone import identity
+
+    if which not in ("teacher", "student"):
+        _fail(f"--which {which!r}: expected teacher or student")
+    try:
+        model = load(source, which=which)
+        folder = save(model, out_dir, name=name)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    ident = identity(model)
+    console.print(f"{source} -> {folder} ({ident['arch']}, {ident['num_features']}-d features, "
+                  f"fingerprint {ident['fingerprint']})", highlight=False)
+
+
+@app.command("embed")
+def embed_cmd(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image file."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Model: registry name (dino_vits16), folder, file or HF repo id."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output: .npz (features + paths), .npy or .safetensors."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's, 224); "
+                                          "the resize keeps DINO's 256/224 ratio."),
+    features: str = typer.Option("cls", "--features", help="cls, cls+avgpool, last4 (any lastN) or patch."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
+) -> None:
+    """Embed every image under IMAGES with a DINO model and write the features.
+
+    Example: dinokit embed photos/ --model dino_vits16 --out photos.npz
+    """
+    from dinokit.data.images import ImageError
+    from dinokit.embed import embed
+    from dinokit.hub import load
+
+    if out_file.suffix.lower() not in (".npz", ".npy", ".safetensors"):
+        _fail(f"{out_file}: unknown output type; use .npz, .npy or .safetensors")
+    try:
+        net = load(model)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    bar, update = _foundation_progress("embedding")
+    try:
+        with bar:
+            result = embed(net, images, batch_size=batch_size, device=device, num_workers=workers,
+                           image_size=image_size, features=features, strict=strict, progress=update)
+        result.save(out_file)
+    except ImageError as exc:
+        _fail(f"{exc} (--strict)")
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    shape = "x".join(str(s) for s in result.features.shape[1:])
+    console.print(f"embedded {len(result)} images ({shape} {features} features) -> {out_file}", highlight=False)
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} unreadable files:[/]")
+        for path, reason in result.skipped:
+            console.print(f"  {path}: {reason}", highlight=False, markup=False)
+
+
+
 # ---------------------------------------------------------------- training: train
+
+
+@app.command("train")
+def train_cmd(
+    recipe: Path = typer.Argument(None, help="Training recipe (YAML/JSON). Optional with --resume (uses RUN_DIR/config.json)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set optim.lr=0.001 (repeatable)."),
+    out_dir: Path = typer.Option(None, "--out", help="Run folder (default: runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint.pth."),
+    init: str = typer.Option(None, "--init", help="Start from a full checkpoint (heads included) or any dinokit.load source."),
+) -> None:
+    """Train a DINO model (multi-crop, EMA teacher, centering + sharpening); torchrun for several GPUs."""
+    from dinokit.train.config import ConfigError, load_config
+
+    if recipe is None and not resume:
+        _fail("give a RECIPE.yaml (or --resume with --out RUN_DIR)")
+    if out_dir is None:
+        if recipe is None:
+            _fail("--resume without a recipe needs --out RUN_DIR")
+        out_dir = Path("runs") / recipe.stem
+    try:
+        if recipe is None:
+            cfg_file = out_dir / "config.json"
+            if not cfg_file.is_file():
+                _fail(f"{cfg_file}: no config to resume from")
+            cfg = load_config(cfg_file, list(set_))
+        else:
+            cfg = load_config(recipe, list(set_))
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    import dinokit.train.loop as loop
+    from dinokit import distributed
+
+    bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    task = bar.add_task("train", total=None, stats="")
+
+    def update(done: int, total: int, stats: dict[str, Any]) -> None:
+        text = (f"ep {stats['epoch']} loss {stats['loss']:.4f} lr {stats['lr']:.2e} "
+                f"tt {stats['teacher_temp']:.3f} {stats['images_per_s']:.0f} img/s")
+        bar.update(task, completed=done, total=total, stats=text)
+
+    try:
+        with bar if distributed.local_rank() == 0 else _nullctx():
+            summary = loop.train(cfg, out_dir, resume=resume, init=init, progress=update)
+    except loop.TrainingDiverged as e:
+        _fail(str(e))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e).splitlines()[0])
+    if distributed.is_main_process():
+        _print_json(summary)
+    distributed.shutdown()
+
+
+def _nullctx() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
+
 
 
 # ---------------------------------------------------------------- evaluation: knn-eval, linear-eval, classify
@@ -64,8 +238,306 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 # ---------------------------------------------------------------- retrieval: index build/add/search/info
 
+_KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW while the graph fits in memory, else IVF-PQ "
+              "with exact re-rank), flat (exact), hnsw, ivfpq.")
+
+
+def _retrieval_progress(description: str) -> Any:
+    """A rich progress bar on stderr and a ``progress(done, total)`` callback driving it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _parse_knobs(knobs: list[str] | None) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in knobs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--knob {item!r}: expected KEY=VALUE, e.g. --knob ef_search=128")
+        try:
+            parsed[key] = int(value)
+        except ValueError:
+            try:
+                parsed[key] = float(value)
+            except ValueError:
+                parsed[key] = value
+    return parsed
+
+
+def _index_model(index: Any, model_src: str | None) -> Any:
+    """The model to embed with: --model, else the source recorded in the index metadata."""
+    from dinokit.hub import load
+
+    src = model_src or index.model_source
+    if not src:
+        _fail("the index does not record which model built it; pass --model SRC")
+    try:
+        return load(src)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"cannot load model {src!r}: {exc}")
+
+
+def _load_index(path: Path) -> Any:
+    from dinokit.retrieval import Index
+
+    try:
+        return Index.load(path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@index_app.command("build")
+def index_build_cmd(
+    folder: Path = typer.Argument(..., help="Folder of images, searched recursively."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Model: registry name (dino_vits16), folder, file or HF repo id."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically)."),
+    kind: str = typer.Option("auto", "--kind", help=_KIND_HELP),
+    knob: list[str] | None = typer.Option(None, "--knob", help="Index knob KEY=VALUE, repeatable: hnsw M, "
+                                          "ef_construction, ef_search; ivfpq nlist, pq_m, nbits, nprobe, "
+                                          "k_factor, refine (flat|sq8)."),
+    features: str = typer.Option("cls", "--features", help="Feature kind: cls, cls+avgpool, lastN."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+) -> None:
+    """Embed every image under FOLDER and write a search index.
+
+    Example: dinokit index build photos/ --model dino_vits16 --out photos.index --kind hnsw
+    """
+    from dinokit.data.images import ImageError
+    from dinokit.hub import load
+    from dinokit.retrieval import Index, set_num_threads
+
+    if kind not in ("auto", "flat", "hnsw", "ivfpq"):
+        _fail(f"--kind {kind!r}: expected auto, flat, hnsw or ivfpq")
+    if threads:
+        set_num_threads(threads)
+    knobs = _parse_knobs(knob)
+    try:
+        net = load(model)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    bar, update = _retrieval_progress("embedding")
+    try:
+        with bar:
+            index = Index.build(folder, model=net, kind=kind, batch_size=batch_size, device=device,
+                                num_workers=workers, image_size=image_size, feature_kind=features,
+                                progress=update, **knobs)
+        index.save(out_dir)
+    except (FileNotFoundError, NotADirectoryError, ImageError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"indexed {len(index)} images ({index.kind}, dim {index.dim}) -> {out_dir}", highlight=False)
+
+
+@index_app.command("add")
+def index_add_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
+    items: list[Path] = typer.Argument(..., help="Folders or image files to add; paths already indexed are skipped."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model (default: the one recorded in the index)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: cuda if available)."),
+    threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+) -> None:
+    """Add new images to an index (in place).
+
+    Example: dinokit index add photos.index photos/2024/
+    """
+    from dinokit.data.images import ImageError
+    from dinokit.retrieval import set_num_threads
+
+    if threads:
+        set_num_threads(threads)
+    index = _load_index(index_dir)
+    net = _index_model(index, model)
+    added = 0
+    try:
+        for item in items:
+            bar, update = _retrieval_progress(f"embedding {item}")
+            with bar:
+                added += index.add(item if item.is_dir() else [item], model=net, batch_size=batch_size,
+                                   device=device, num_workers=workers, progress=update)
+        index.save(index_dir)
+    except (FileNotFoundError, NotADirectoryError, ImageError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"added {added} images; the index holds {len(index)}", highlight=False)
+
+
+@index_app.command("search")
+def index_search_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
+    queries: list[Path] = typer.Argument(..., help="Query image files."),
+    k: int = typer.Option(10, "-k", "--k", help="Results per query."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Write a contact-sheet PNG: a row per query."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model (default: the one recorded in the index)."),
+    ef_search: int | None = typer.Option(None, "--ef-search", help="HNSW efSearch (default: stored knob)."),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="IVF-PQ lists probed (default: stored knob)."),
+    threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+) -> None:
+    """Find the K most similar indexed images of each QUERY image (cosine similarity).
+
+    Example: dinokit index search photos.index query.jpg -k 5 --sheet results.png
+    """
+    from dinokit.data.images import ImageError
+    from dinokit.retrieval import ModelMismatchError, contact_sheet, set_num_threads
+
+    if threads:
+        set_num_threads(threads)
+    index = _load_index(index_dir)
+    net = _index_model(index, model)
+    try:
+        res = index.search([str(q) for q in queries], k=k, model=net, ef_search=ef_search, nprobe=nprobe)
+    except (ModelMismatchError, ImageError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if sheet is not None:
+        contact_sheet(res, [str(q) for q in queries], sheet, index=index)
+        console.print(f"contact sheet -> {sheet}", highlight=False)
+    if as_json:
+        _print_json(res.to_list())
+        return
+    from rich.table import Table
+
+    for row in res.to_list():
+        table = Table(title=f"query: {row['query']}", title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("path")
+        for r in row["results"]:
+            table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["path"])
+        out.print(table)
+
+
+@index_app.command("info")
+def index_info_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show what an index holds: count, kind, knobs, memory, model, feature kind.
+
+    Example: dinokit index info photos.index
+    """
+    info = _load_index(index_dir).info()
+    if as_json:
+        _print_json(info)
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, title=str(index_dir), title_justify="left")
+    for key, value in info.items():
+        if key == "model" and isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@index_app.command("remove")
+def index_remove_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
+    paths: list[str] = typer.Argument(..., help="Stored paths to remove (as `index search` prints them)."),
+) -> None:
+    """Remove images from an index (in place); unknown paths are ignored.
+
+    Example: dinokit index remove photos.index cats/001.jpg cats/002.jpg
+    """
+    index = _load_index(index_dir)
+    n = index.remove(paths)
+    index.save(index_dir)
+    console.print(f"removed {n} of {len(paths)} paths; the index holds {len(index)}", highlight=False)
+
 
 # ---------------------------------------------------------------- attention
+
+
+@app.command("attention")
+def attention_cmd(
+    images: list[Path] = typer.Argument(..., help="Image files, or folders (each image in them; with "
+                                        "--video-gif a folder of video frames becomes one GIF)."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="A ViT model: registry name (dino_vits8), folder, file or HF repo id."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder; one subfolder per image."),
+    image_size: int = typer.Option(480, "--image-size", help="Resize the short side to this many pixels."),
+    threshold: float = typer.Option(0.6, "--threshold", help="Share of the attention mass each mask keeps."),
+    video_gif: bool = typer.Option(False, "--video-gif", help="Turn each folder argument (video frames, "
+                                   "sorted by name) into OUT/<folder>.gif of the mean attention overlay."),
+    head: int | None = typer.Option(None, "--head", help="With --video-gif: show this head (default: mean)."),
+    fps: float = typer.Option(10.0, "--fps", help="With --video-gif: frames per second."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: cpu)."),
+) -> None:
+    """Write DINO's last-block CLS attention maps of each image.
+
+    Per image, in OUT/<image name>/: img.png (the resized input), attn-head{j}.png (one heatmap per head), attn-mean.png, mask_th{threshold}_head{j}.png (patches holding THRESHOLD of the mass), overlay.png (mean map on the image) and overlay-head{j}.png. A model without attention (ResNet) is an error.
+
+    Example: dinokit attention cat.jpg --model dino_vits8 --out attn/ --image-size 480
+    """
+    from dinokit.attention import NoAttentionError, attention_maps, frames_gif, save_attention
+    from dinokit.data.images import ImageError, list_images
+    from dinokit.hub import load
+
+    try:
+        net = load(model)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if device:
+        net = net.to(device)
+    try:
+        from dinokit.attention import _vit
+
+        _vit(net)  # a ResNet fails here, before any work
+    except NoAttentionError as exc:
+        _fail(str(exc))
+    files: list[Path] = []
+    folders: list[Path] = []
+    for item in images:
+        if item.is_dir() and video_gif:
+            folders.append(item)
+        elif item.is_dir():
+            files.extend(list_images(item))
+        elif item.is_file():
+            files.append(item)
+        else:
+            _fail(f"{item}: no such file or folder")
+    used: set[str] = set()
+
+    def unique(name: str) -> str:
+        base, i = name, 1
+        while name in used:
+            i += 1
+            name = f"{base}-{i}"
+        used.add(name)
+        return name
+
+    try:
+        if files:
+            bar, update = _retrieval_progress("attention maps")
+            with bar:
+                for i, f in enumerate(files):
+                    maps = attention_maps(net, f, image_size=image_size, threshold=threshold)
+                    save_attention(maps, out_dir / unique(f.stem))
+                    update(i + 1, len(files))
+        for folder in folders:
+            bar, update = _retrieval_progress(f"frames of {folder}")
+            with bar:
+                gif = frames_gif(net, folder, out_dir / f"{unique(folder.resolve().name)}.gif",
+                                 image_size=image_size, head=head, fps=fps, progress=update)
+            console.print(f"GIF -> {gif}", highlight=False)
+    except (ImageError, NoAttentionError, ValueError) as exc:
+        _fail(str(exc))
+    if files:
+        console.print(f"attention maps of {len(files)} image(s) -> {out_dir}", highlight=False)
 
 
 # ---------------------------------------------------------------- publishing: export, push, plot

@@ -150,3 +150,37 @@ def test_embeddings_save_load_roundtrip(tmp_path: Path, suffix: str) -> None:
         assert z["features"].dtype == np.float32 and list(z["paths"]) == e.paths
     with pytest.raises(ValueError, match="unknown feature file type"):
         e.save(tmp_path / "f.csv")
+
+
+def test_cli_embed_reports_skipped_files(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import dinokit
+    from dinokit.cli import app
+
+    model = make_tiny_vit(seed=3)
+    model_dir = dinokit.save(model, tmp_path / "model")
+    images = tmp_path / "images"
+    good = _write_mode_images(images)
+    bad = write_bad_files(images / "bad")
+    runner = CliRunner()
+    out = tmp_path / "feats.npz"
+    args = ["embed", str(images), "--model", str(model_dir), "--out", str(out), "--image-size", "32",
+            "--batch-size", "4", "--workers", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    z = np.load(out)
+    assert list(z["paths"]) == good and z["features"].shape == (len(good), 48)
+    ref = _manual(model, [images / p for p in good], 32)
+    np.testing.assert_allclose(z["features"], ref.numpy(), atol=1e-5, rtol=1e-5)
+    assert f"skipped {len(bad)} unreadable files" in res.output
+    for name, word in bad.items():
+        assert f"bad/{name}: " in res.output and word in res.output
+    # other formats and feature kinds, by suffix
+    res = runner.invoke(app, [*args[:5], str(tmp_path / "f.safetensors"), *args[6:], "--features", "cls+avgpool"])
+    assert res.exit_code == 0, res.output
+    assert load_embeddings(tmp_path / "f.safetensors").features.shape == (len(good), 96)
+    res = runner.invoke(app, [*args, "--strict"])
+    assert res.exit_code == 1 and "error:" in res.output and "bad/" in res.output
+    res = runner.invoke(app, ["embed", str(images), "--model", "nope/missing", "--out", str(out)])
+    assert res.exit_code == 1 and "nope/missing" in res.output

@@ -237,3 +237,28 @@ def test_bad_sources_give_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
         dinokit.load(tmp_path / "empty")
+
+
+def test_cli_convert_and_models(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dinokit.cli import app
+
+    model = make_tiny_vit(seed=14, embed_dim=64, num_heads=1)
+    ck = {"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+          "student": {f"module.backbone.{k}": v + 1 for k, v in model.state_dict().items()},
+          "args": argparse.Namespace(arch="vit_tiny"), "epoch": 0}
+    torch.save(ck, tmp_path / "checkpoint.pth")
+    runner = CliRunner()
+    res = runner.invoke(app, ["convert", str(tmp_path / "checkpoint.pth"), "--out", str(tmp_path / "conv")])
+    assert res.exit_code == 0, res.output
+    via_timm = timm.create_model(f"local-dir:{tmp_path / 'conv'}", pretrained=True).eval()
+    _same(via_timm, model)
+    res = runner.invoke(app, ["convert", str(tmp_path / "nothing.pth"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "nothing.pth" in res.output
+    res = runner.invoke(app, ["models", "--json"])
+    assert res.exit_code == 0
+    rows = json.loads(res.stdout)
+    assert [r["name"] for r in rows][:2] == ["dino_vits16", "dino_vits8"] and rows[0]["cached"] is False
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "dino_resnet50" in res.stdout
