@@ -1,0 +1,129 @@
+"""The training loop end to end on real Fashion-MNIST images: logs, checkpoints, exact resume, init, NaN stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import dinokit
+from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.config import TrainConfig
+from dinokit.train.loop import TrainingDiverged
+
+TINY: dict[str, Any] = {
+    "model.arch": "vit_tiny_patch16_224",
+    "model.model_args": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 32},
+    "model.out_dim": 256, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
+    "data.global_crops_size": 32, "data.local_crops_size": 16, "data.local_crops_number": 2,
+    "data.blur_sigma": [0.1, 0.5], "optim.warmup_epochs": 1, "optim.batch_size_per_gpu": 16,
+    "precision": "fp32", "num_threads": 1, "log_every": 2, "seed": 3,
+}
+
+
+def _cfg(**over: Any) -> TrainConfig:
+    return TrainConfig().replace({**TINY, **{k.replace("__", "."): v for k, v in over.items()}})
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_folder_run_writes_logs_and_official_checkpoint(tmp_path: Path, fmnist_folders: dict[str, Path]) -> None:
+    cfg = _cfg(data__source=str(fmnist_folders["train"]), data__augment="pil", data__num_workers=0,
+               optim__epochs=2, saveckp_freq=1, knn__train_source=str(fmnist_folders["train"]),
+               knn__val_source=str(fmnist_folders["val"]), knn__k=5)
+    seen: list[tuple[int, int, dict[str, Any]]] = []
+    summary = dinokit.train(cfg, tmp_path / "run", progress=lambda d, t, s: seen.append((d, t, s)))
+    run = tmp_path / "run"
+    ipe = 200 // 16
+    assert summary["iterations"] == 2 * ipe and summary["epochs_completed"] == 2 and summary["stopped"] is None
+    assert [d for d, _, _ in seen] == list(range(1, 2 * ipe + 1)) and seen[-1][1] == 2 * ipe
+    assert {"loss", "lr", "teacher_temp", "images_per_s"} <= set(seen[-1][2])
+    assert TrainConfig.from_json((run / "config.json").read_text()) == cfg
+    it_log = _read_jsonl(run / "log_iter.jsonl")
+    assert {"epoch", "iteration", "loss", "lr", "wd", "teacher_temp", "momentum", "images_per_s", "time_s"} <= set(it_log[0])
+    assert [r["epoch"] for r in _read_jsonl(run / "log_epoch.jsonl")] == [1, 2]
+    knn = _read_jsonl(run / "log_knn.jsonl")
+    assert [r["epoch"] for r in knn] == [1, 2] and knn[-1]["n_val"] == 60 and 0 <= knn[-1]["top1"] <= 100
+    # lr follows the official schedule: base 0.0005 * 16 / 256, linear warm-up over epoch 1
+    assert it_log[0]["lr"] == pytest.approx(0.0005 * 16 / 256 * 1 / (ipe - 1))
+    ck = load_checkpoint(run / "checkpoint.pth")
+    assert (run / "checkpoint_0001.pth").is_file() and (run / "checkpoint_0002.pth").is_file()
+    assert ck["epoch"] == 2 and ck["iteration"] == 2 * ipe and ck["precision"] == "fp32"
+    assert ck["dino_loss"]["center"].shape == (1, 256) and ck["dino_loss"]["center"].abs().sum() > 0
+    assert "head.last_layer.weight_g" in ck["teacher"] and "backbone.cls_token" in ck["student"]
+    assert not any(k.startswith("module.") for k in ck["student"])
+    assert json.loads(ck["backbone_config"])["model_args"]["embed_dim"] == 48
+    assert TrainConfig.from_json(ck["config"]) == cfg
+    # the teacher is a moving average, not the student
+    diff = [k for k in ck["student"] if not torch.equal(ck["student"][k], ck["teacher"][k])]
+    assert "backbone.blocks.0.attn.qkv.weight" in diff
+    # dinokit.load reads the teacher backbone of this checkpoint
+    model = dinokit.load(run / "checkpoint.pth")
+    bb = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
+    assert _states_equal(model.state_dict(), bb)
+
+
+def test_resume_after_a_kill_and_after_a_limit_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = _cfg(data__source="fashion-mnist#96", optim__epochs=3, optim__batch_size_per_gpu=16)
+    ref = dinokit.train(cfg, tmp_path / "ref")
+    # 1) killed mid-epoch 2: the last checkpoint is from epoch 1, resume continues from there
+    class Kill(Exception):
+        pass
+
+    def killer(done: int, total: int) -> None:
+        if done == 9:
+            raise Kill
+
+    with pytest.raises(Kill):
+        dinokit.train(cfg, tmp_path / "killed", progress=killer)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pth")["iteration"] == 6
+    dinokit.train(cfg, tmp_path / "killed", resume=True)
+    # 2) stopped by max_iterations mid-epoch (checkpoint at iteration 8), then resumed without the limit
+    s = dinokit.train(cfg.replace({"max_iterations": 8}), tmp_path / "limited")
+    assert s["stopped"] == "max_iterations" and s["iterations"] == 8
+    dinokit.train(cfg, tmp_path / "limited", resume=True)
+    want = load_checkpoint(tmp_path / "ref" / "checkpoint.pth")
+    for name in ("killed", "limited"):
+        got = load_checkpoint(tmp_path / name / "checkpoint.pth")
+        assert got["iteration"] == ref["iterations"] == 18
+        assert _states_equal(got["teacher"], want["teacher"]) and _states_equal(got["student"], want["student"])
+        assert torch.equal(got["dino_loss"]["center"], want["dino_loss"]["center"])
+    # a resume with a different recipe is refused, naming the key
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        dinokit.train(cfg.replace({"optim.lr": 0.1}), tmp_path / "ref", resume=True)
+
+
+def test_init_from_a_full_checkpoint_and_nan_stop(tmp_path: Path) -> None:
+    cfg = _cfg(data__source="fashion-mnist#32", optim__epochs=1)
+    dinokit.train(cfg, tmp_path / "a")
+    src = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    # an official-style full checkpoint: "module." on the student, weight_g/weight_v head keys
+    official = {"student": {"module." + k: v for k, v in src["student"].items()}, "teacher": src["teacher"],
+                "epoch": 1}
+    torch.save(official, tmp_path / "official.pth")
+    s = dinokit.train(cfg.replace({"optim.lr": 1e-12, "optim.min_lr": 0.0, "optim.momentum_teacher": 1.0}),
+                      tmp_path / "b", init=str(tmp_path / "official.pth"))
+    got = load_checkpoint(tmp_path / "b" / "checkpoint.pth")
+    assert s["iterations"] == 2
+    # momentum 1: the teacher is exactly the initialising teacher (heads included)
+    assert _states_equal(got["teacher"], src["teacher"])
+    # NaN: an absurd lr blows the weights up; the run stops naming the iteration, the last checkpoint is kept
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at iteration \d+"):
+        dinokit.train(cfg.replace({"optim.lr": 1e30, "optim.warmup_epochs": 0, "optim.clip_grad": 0.0,
+                                   "optim.epochs": 4, "optim.freeze_last_layer": 0}), tmp_path / "c")
+
+
+def test_bad_inputs_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data\.source: required"):
+        dinokit.train(TrainConfig(), tmp_path / "x")
+    with pytest.raises(ValueError, match="total batch is 16"):
+        dinokit.train(_cfg(data__source="fashion-mnist#8"), tmp_path / "y")
