@@ -238,6 +238,9 @@ def _nullctx() -> Any:
 
 # ---------------------------------------------------------------- retrieval: index build/add/search/info
 
+# faiss logs which CPU build it loads at INFO on every import: noise on a command line
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 _KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW while the graph fits in memory, else IVF-PQ "
               "with exact re-rank), flat (exact), hnsw, ivfpq.")
 

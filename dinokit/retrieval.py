@@ -231,7 +231,8 @@ class Index:
 
     def __init__(self, faiss_index: Any, paths: list[str | None], *, kind: str, knobs: dict[str, Any],
                  dim: int, feature_kind: str = "cls", model_identity: dict[str, Any] | None = None,
-                 root: str | None = None, image_size: int | None = None) -> None:
+                 root: str | None = None, image_size: int | None = None,
+                 model_source: str | None = None) -> None:
         if faiss_index.ntotal != len(paths):
             raise ValueError(f"index holds {faiss_index.ntotal} vectors but {len(paths)} paths were given")
         self._index = faiss_index
@@ -244,6 +245,8 @@ class Index:
         self.model_identity = dict(model_identity) if model_identity else None
         self.root = root
         self.image_size = image_size
+        # how to load the model again (registry name, absolute path, HF repo id), for the CLI
+        self.model_source = model_source
         self._model_fp_cache: dict[int, str] = {}
 
     # ------------------------------------------------------------------ construction
@@ -252,7 +255,8 @@ class Index:
     def from_features(cls, features: Any, paths: Sequence[str | os.PathLike[str]], kind: str = "auto", *,
                       model_identity: dict[str, Any] | None = None, feature_kind: str = "cls",
                       root: str | os.PathLike[str] | None = None, image_size: int | None = None,
-                      memory_budget: int = DEFAULT_MEMORY_BUDGET, **knobs: Any) -> Index:
+                      model_source: str | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                      **knobs: Any) -> Index:
         """An index of ``features`` (N, D) with their ``paths`` (N,).
 
         ``kind``: "flat" | "hnsw" | "ivfpq" | "auto"; ``knobs`` override the kind's defaults
@@ -287,16 +291,17 @@ class Index:
         index.add(x)
         return cls(index, keys, kind=kind, knobs=knobs, dim=dim, feature_kind=feature_kind,
                    model_identity=model_identity, root=None if root is None else str(Path(root).resolve()),
-                   image_size=image_size)
+                   image_size=image_size, model_source=model_source)
 
     @classmethod
     def build(cls, folder: str | os.PathLike[str], model: Any, kind: str = "auto", *, batch_size: int = 64,
               device: Any = None, num_workers: int | None = None, image_size: int | None = None,
-              feature_kind: str = "cls", progress: Progress | None = None,
+              feature_kind: str = "cls", progress: Progress | None = None, model_source: str | None = None,
               memory_budget: int = DEFAULT_MEMORY_BUDGET, **knobs: Any) -> Index:
         """Embed every image under ``folder`` with ``model`` and index them (paths relative to ``folder``).
 
-        Unreadable images are skipped and logged (see ``dinokit.embed``).
+        Unreadable images are skipped and logged (see ``dinokit.embed``). ``model_source`` (how to load
+        the model again) defaults to the source ``dinokit.load`` was given, made absolute for local paths.
         """
         from dinokit.models.backbone import identity
 
@@ -306,7 +311,8 @@ class Index:
             raise ValueError(f"{folder}: no usable images to index")
         return cls.from_features(emb.features, emb.paths, kind, model_identity=identity(model),
                                  feature_kind=feature_kind, root=folder,
-                                 image_size=emb.info.get("image_size") or image_size, memory_budget=memory_budget, **knobs)
+                                 image_size=emb.info.get("image_size") or image_size,
+                                 model_source=model_source or _source_of(model), memory_budget=memory_budget, **knobs)
 
     # ------------------------------------------------------------------ content
 
@@ -595,6 +601,7 @@ class Index:
             "image_size": self.image_size,
             "root": self.root,
             "model": self.model_identity,
+            "model_source": self.model_source,
             "bytes_per_vector": round(memory_per_vector(self.kind, self.dim, self.knobs), 1),
         }
 
@@ -653,7 +660,8 @@ class Index:
             raise ValueError(f"{folder}: corrupt index ({index.ntotal} vectors but {len(paths)} paths)")
         return cls(index, paths, kind=meta["kind"], knobs=meta.get("knobs", {}), dim=int(meta["dim"]),
                    feature_kind=meta.get("feature_kind", "cls"), model_identity=meta.get("model"),
-                   root=meta.get("root"), image_size=meta.get("image_size"))
+                   root=meta.get("root"), image_size=meta.get("image_size"),
+                   model_source=meta.get("model_source"))
 
     def __repr__(self) -> str:
         name = (self.model_identity or {}).get("name")
@@ -661,6 +669,15 @@ class Index:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _source_of(model: Any) -> str | None:
+    """The source ``dinokit.load`` read ``model`` from; local paths made absolute."""
+    src = getattr(model, "dinokit_name", None)
+    if src is None:
+        return None
+    p = Path(src).expanduser()
+    return str(p.resolve()) if p.exists() else str(src)
 
 
 def _first_duplicate(keys: Sequence[str]) -> str | None:
@@ -722,3 +739,63 @@ def _embed_images(model: Any, images: list[Any], **kw: Any) -> Any:
     emb = dinokit.embed(model, x, batch_size=kw["batch_size"], device=kw["device"], num_workers=0,
                         features=kw["feature_kind"], strict=True)
     return emb.features
+
+
+# ---------------------------------------------------------------------------- contact sheet
+
+
+def contact_sheet(result: SearchResult, queries: Sequence[Any], out_path: str | os.PathLike[str], *,
+                  index: Index | None = None, thumb: int = 128) -> Path:
+    """A PNG with one row per query: the query image, then its results with rank and score.
+
+    ``queries``: the query images (paths or PIL images), in the order searched. Result paths are
+    opened through ``index.resolve`` (relative to the indexed folder); missing files are drawn grey.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from dinokit.data.images import ImageError, load_rgb
+
+    font = ImageFont.load_default()
+    pad, caption = 6, 16
+    k = result.paths.shape[1] if result.paths.ndim == 2 else 0
+    cell_w, cell_h = thumb + pad, thumb + caption + pad
+    sheet = Image.new("RGB", (pad + (k + 1) * cell_w + pad, pad + max(1, len(result)) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    def tile(src: Any) -> Image.Image | None:
+        try:
+            img = src if isinstance(src, Image.Image) else load_rgb(src)
+        except ImageError as e:
+            log.warning("contact sheet: %s", e)
+            return None
+        img = img.convert("RGB")
+        # fit the longer side to the cell, up or down (small images would otherwise be specks)
+        scale = thumb / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        return img.resize(size, Image.LANCZOS if scale < 1 else Image.NEAREST)
+
+    def put(img: Image.Image | None, col: int, row: int, text: str, color: str) -> None:
+        x, y = pad + col * cell_w + (pad if col else 0), pad + row * cell_h
+        if img is None:
+            draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=(200, 200, 200))
+            draw.text((x + 4, y + thumb // 2 - 6), "missing", fill="black", font=font)
+        else:
+            sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+        draw.text((x, y + thumb + 2), text, fill=color, font=font)
+
+    for i in range(len(result)):
+        q = queries[i] if i < len(queries) else None
+        name = Path(q).name if isinstance(q, (str, os.PathLike)) else "query"
+        put(tile(q) if q is not None else None, 0, i, f"query: {name}"[:24], "blue")
+        for j in range(k):
+            p = result.paths[i, j]
+            if p is None:
+                continue
+            src = index.resolve(p) if index is not None else Path(p)
+            put(tile(src), j + 1, i, f"{j + 1}. {result.scores[i, j]:.3f}", "black")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
