@@ -320,10 +320,14 @@ def index_build_cmd(
     """
     from dinokit.data.images import ImageError
     from dinokit.hub import load
-    from dinokit.retrieval import Index, set_num_threads
+    from dinokit.retrieval import Index, check_index_target, set_num_threads
 
     if kind not in ("auto", "flat", "hnsw", "ivfpq"):
         _fail(f"--kind {kind!r}: expected auto, flat, hnsw or ivfpq")
+    try:
+        check_index_target(out_dir)  # fail before the embedding work, not after
+    except FileExistsError as exc:
+        _fail(str(exc))
     if threads:
         set_num_threads(threads)
     knobs = _parse_knobs(knob)
@@ -338,7 +342,7 @@ def index_build_cmd(
                                 num_workers=workers, image_size=image_size, feature_kind=features,
                                 progress=update, **knobs)
         index.save(out_dir)
-    except (FileNotFoundError, NotADirectoryError, ImageError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ImageError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"indexed {len(index)} images ({index.kind}, dim {index.dim}) -> {out_dir}", highlight=False)
 
@@ -372,7 +376,7 @@ def index_add_cmd(
                 added += index.add(item if item.is_dir() else [item], model=net, batch_size=batch_size,
                                    device=device, num_workers=workers, progress=update)
         index.save(index_dir)
-    except (FileNotFoundError, NotADirectoryError, ImageError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ImageError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"added {added} images; the index holds {len(index)}", highlight=False)
 
@@ -458,7 +462,10 @@ def index_remove_cmd(
     """
     index = _load_index(index_dir)
     n = index.remove(paths)
-    index.save(index_dir)
+    try:
+        index.save(index_dir)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
     console.print(f"removed {n} of {len(paths)} paths; the index holds {len(index)}", highlight=False)
 
 

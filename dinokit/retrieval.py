@@ -610,6 +610,7 @@ class Index:
         import faiss
 
         folder = Path(folder)
+        check_index_target(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in self.info().items() if k not in ("metric", "bytes_per_vector")}
         meta["metric"] = "inner_product"
@@ -669,6 +670,15 @@ class Index:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def check_index_target(folder: str | os.PathLike[str]) -> None:
+    """Raise FileExistsError unless ``folder`` is absent, empty or an index (which ``save`` replaces).
+
+    Saving replaces the whole folder, so this guards e.g. the image folder itself from deletion."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / META_FILE).is_file())):
+        raise FileExistsError(f"{folder}: exists and is not a dinokit index folder; refusing to replace it")
 
 
 def _source_of(model: Any) -> str | None:

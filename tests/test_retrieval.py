@@ -130,6 +130,19 @@ def test_save_load_round_trip(tmp_path: Path, data, kind: str) -> None:
     assert loaded.knobs == index.knobs and loaded.model_identity == ident
 
 
+def test_save_never_replaces_a_non_index_folder(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.png").write_bytes(b"x")
+    index = Index.from_features(clustered(20), names(20), kind="flat")
+    with pytest.raises(FileExistsError, match="photos: exists and is not a dinokit index folder"):
+        index.save(photos)
+    assert (photos / "cat.png").read_bytes() == b"x"
+    (tmp_path / "empty").mkdir()
+    index.save(tmp_path / "empty")  # an empty folder is fine
+    assert len(Index.load(tmp_path / "empty")) == 20
+
+
 def test_load_rejects_newer_format(tmp_path: Path) -> None:
     Index.from_features(clustered(50), names(50), kind="flat").save(tmp_path / "idx")
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())

@@ -100,6 +100,10 @@ def test_index_search_errors(setup: dict[str, Path], tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     code, _, err = run("index", "search", idx, setup["photos"] / "x" / "02.png", bad)
     assert code == 1 and err.startswith(f"error: {bad}: ") and "corrupt" in err
+    code, _, err = run("index", "build", setup["photos"] / "x", "--model", setup["model"],
+                       "--out", setup["photos"] / "x")
+    assert code == 1 and "exists and is not a dinokit index folder" in err
+    assert len(list((setup["photos"] / "x").iterdir())) == 8  # nothing was deleted
     code, _, err = run("index", "info", tmp_path / "missing")
     assert code == 1 and "no such index folder" in err
 
