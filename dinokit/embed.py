@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from dinokit.data.images import (
+    Batch,
     ImageDataset,
     ImageError,
     Skipped,
@@ -288,15 +289,20 @@ def embed(
     transform = eval_transform(model, image_size)
     dataset, names, decodes = _dataset(images, transform)
     total = len(dataset)
-    workers = default_num_workers() if num_workers is None else int(num_workers)
-    if not decodes and not isinstance(dataset, _ArrayDataset):
-        workers = 0  # tensors already in memory: nothing to overlap
-    workers = min(workers, max(0, (total + batch_size - 1) // batch_size))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate_skipping, pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-    )
+    loader: Any
+    if isinstance(dataset, _TensorDataset):
+        # Ready model input already in memory: slice it, no workers, no per-item copies.
+        x_all = dataset.x
+        loader = (Batch(x_all[i:i + batch_size], torch.arange(i, min(i + batch_size, total)))
+                  for i in range(0, total, batch_size))
+    else:
+        workers = default_num_workers() if num_workers is None else int(num_workers)
+        workers = min(workers, max(0, (total + batch_size - 1) // batch_size))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+            collate_fn=collate_skipping, pin_memory=dev.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+        )
     model = model.to(dev).eval()
     use_bf16 = dev.type == "cuda"
     chunks: list[torch.Tensor] = []
