@@ -290,7 +290,7 @@ class Index:
             index.train(_train_sample(x, knobs))
         index.add(x)
         return cls(index, keys, kind=kind, knobs=knobs, dim=dim, feature_kind=feature_kind,
-                   model_identity=model_identity, root=None if root is None else str(Path(root).resolve()),
+                   model_identity=model_identity, root=None if root is None else _abs(root),
                    image_size=image_size, model_source=model_source)
 
     @classmethod
@@ -346,9 +346,9 @@ class Index:
         if self.root is None or not p.is_absolute():
             return s if self.root is None else p.as_posix()
         try:
-            return p.resolve().relative_to(self.root).as_posix()
+            return Path(_abs(p)).relative_to(self.root).as_posix()
         except ValueError:
-            return str(p.resolve())
+            return _abs(p)
 
     def vectors(self, paths: Iterable[str] | None = None) -> np.ndarray:
         """Stored (normalized) vectors (N, D) of ``paths`` (all live ones by default), float32."""
@@ -388,10 +388,10 @@ class Index:
             if isinstance(items, (str, os.PathLike)) and Path(items).is_dir():
                 from dinokit.data.images import list_images
 
-                candidates = [p.resolve() for p in list_images(items)]
+                candidates = [Path(_abs(p)) for p in list_images(items)]
             else:
                 single = isinstance(items, (str, os.PathLike))
-                candidates = [Path(p).resolve() for p in ([items] if single else items)]
+                candidates = [Path(_abs(p)) for p in ([items] if single else items)]
             todo = [p for p in candidates if self._key(p) not in self._pos]
             if not todo:
                 return 0
@@ -670,6 +670,11 @@ class Index:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _abs(path: str | os.PathLike[str]) -> str:
+    # absolute and normalized, but symlinks kept: files under a symlinked folder stay "inside" it
+    return os.path.abspath(os.fspath(path))
 
 
 def check_index_target(folder: str | os.PathLike[str]) -> None:
