@@ -163,6 +163,7 @@ def test_add_skips_paths_already_present(data) -> None:
     assert index.add(features=x[:10], paths=names(10)) == 0
     res = index.search(x[250:251], k=1)
     assert res.paths[0, 0] == names(300)[250]
+    np.testing.assert_allclose(index.vectors([names(300)[250]]), x[250:251], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
