@@ -7,11 +7,12 @@ them an error). Inference runs under ``torch.inference_mode``; on CUDA with bf16
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,7 +275,8 @@ def embed(
     ``images``: a folder (recursive, sorted), a list of image paths, uint8 images (N, H, W) or
     (N, H, W, 3) as numpy array or tensor (these get the model's eval preprocessing), or a float
     tensor (N, 3, H, W) taken as ready model input. ``features``: see :func:`compute_features`.
-    Unreadable files are skipped and listed in ``Embeddings.skipped``; ``strict=True`` raises
+    A model in training mode is put back in training mode afterwards. Unreadable files are
+    skipped and listed in ``Embeddings.skipped``; ``strict=True`` raises
     :class:`~dinokit.data.images.ImageError` on the first one. ``progress(done, total)`` is called
     after each batch.
     """
@@ -303,13 +305,14 @@ def embed(
             collate_fn=collate_skipping, pin_memory=dev.type == "cuda",
             prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
         )
+    was_training = model.training
     model = model.to(dev).eval()
     use_bf16 = dev.type == "cuda"
     chunks: list[torch.Tensor] = []
     kept: list[int] = []
     skipped: list[Skipped] = []
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), _restore_mode(model, was_training):
         for batch in loader:
             skipped.extend(batch.skipped)
             if strict and batch.skipped:
@@ -329,13 +332,24 @@ def embed(
     else:
         d = feature_dim(model, features)
         feats = torch.empty((0, d), dtype=torch.float32)
+    if skipped:
+        log.warning("skipped %d unreadable files (first: %s: %s)", len(skipped), skipped[0].path, skipped[0].reason)
     for s in skipped:
-        log.warning("skipped %s", f"{s.path}: {s.reason}")
+        log.debug("skipped %s: %s", s.path, s.reason)
     identity = _identity(model)
     info = {**identity, "features": features,
             "image_size": preprocessing_config(model, image_size)["crop_size"] if decodes or
             isinstance(dataset, _ArrayDataset) else None}
     return Embeddings(feats, [names[i] for i in kept], [(names[s.index], s.reason) for s in skipped], info)
+
+
+@contextlib.contextmanager
+def _restore_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Put a model that was training back into training mode afterwards (embed runs it in eval)."""
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def _identity(model: nn.Module) -> dict[str, Any]:

@@ -184,3 +184,18 @@ def test_cli_embed_reports_skipped_files(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "error:" in res.output and "bad/" in res.output
     res = runner.invoke(app, ["embed", str(images), "--model", "nope/missing", "--out", str(out)])
     assert res.exit_code == 1 and "nope/missing" in res.output
+
+
+def test_embed_restores_training_mode() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=2,
+                              embed_dim=48, num_heads=3, proj_drop_rate=0.5, drop_path_rate=0.5)
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    e = embed(model, x)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(e.features, model(x))  # and it ran in eval mode (dropout off)
