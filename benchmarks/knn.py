@@ -1,0 +1,133 @@
+"""k-NN evaluation speed: dinokit vs the official chunked algorithm vs scikit-learn.
+
+60,000 x 384 train features against 10,000 x 384 test features, 10 classes, k in {10, 20, 100, 200}.
+The features are Fashion-MNIST pixels (centered) through a fixed random projection to 384-d, so the
+neighbourhoods are as clustered as real image features (pure Gaussian noise would not be).
+
+Methods, all timed in this one process, back to back, best of ``--repeat`` (the CPU is shared):
+
+- ``dinokit``: :func:`dinokit.eval.knn.knn_classify_multi` (auto precision: certified bf16 + exact
+  re-rank on CPUs with AVX-512 BF16), one search for the four k.
+- ``dinokit fp32`` and ``dinokit faiss``: the other exact search paths.
+- ``official-style``: DINO's ``knn_classifier`` written plainly: 100 test chunks, fp32 similarity,
+  one top-200, then the one-hot weighted vote for each k.
+- ``scikit-learn``: ``KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute")``,
+  fit + predict for each k (its vote weights are 1/distance, so only its time is comparable).
+
+Run: ``.venv/bin/python benchmarks/knn.py [--repeat 3] [--no-sklearn]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinokit.data.fashion_mnist import load_fashion_mnist
+from dinokit.eval.knn import knn_classify_multi
+
+KS = (10, 20, 100, 200)
+
+
+def make_features(dim: int = 384, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    xtr, ytr = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(784, dim, generator=g) / 28
+    tr = torch.from_numpy(xtr.reshape(len(xtr), -1).astype(np.float32)) / 255
+    te = torch.from_numpy(xte.reshape(len(xte), -1).astype(np.float32)) / 255
+    mean = tr.mean(0)
+    return (tr - mean) @ proj, torch.from_numpy(ytr), (te - mean) @ proj, torch.from_numpy(yte)
+
+
+@torch.no_grad()
+def official_style(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                   test_labels: torch.Tensor, ks: tuple[int, ...], T: float = 0.07, num_classes: int = 10
+                   ) -> dict[int, tuple[float, float]]:
+    """The official algorithm, one top-max(k) per chunk and one vote per k (100 chunks, fp32)."""
+    train_t = F.normalize(train_features, dim=1).t()
+    test_n = F.normalize(test_features, dim=1)
+    kmax = max(ks)
+    n = test_labels.shape[0]
+    per_chunk = n // 100
+    hits = {k: [0, 0] for k in ks}
+    for start in range(0, n, per_chunk):
+        feats = test_n[start:start + per_chunk]
+        targets = test_labels[start:start + per_chunk]
+        b = targets.shape[0]
+        sims, idx = (feats @ train_t).topk(kmax, largest=True, sorted=True)
+        neighbours = torch.gather(train_labels.view(1, -1).expand(b, -1), 1, idx)
+        for k in ks:
+            one_hot = torch.zeros(b * k, num_classes).scatter_(1, neighbours[:, :k].reshape(-1, 1), 1)
+            weights = (sims[:, :k] / T).exp()
+            probs = (one_hot.view(b, k, num_classes) * weights.view(b, k, 1)).sum(1)
+            _, pred = probs.sort(1, True)
+            correct = pred.eq(targets.view(-1, 1))
+            hits[k][0] += int(correct[:, :1].sum())
+            hits[k][1] += int(correct[:, :5].sum())
+    return {k: (100.0 * h[0] / n, 100.0 * h[1] / n) for k, h in hits.items()}
+
+
+def sklearn_knn(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, ks: tuple[int, ...]
+                ) -> dict[int, float]:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    out = {}
+    for k in ks:
+        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance", algorithm="brute")
+        clf.fit(xtr, ytr)
+        out[k] = 100.0 * float((clf.predict(xte) == yte).mean())
+    return out
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    res = fn(*args, **kwargs)
+    return time.perf_counter() - t, res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-sklearn", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    xtr, ytr, xte, yte = make_features()
+    print(f"train {tuple(xtr.shape)}, test {tuple(xte.shape)}, k {KS}, threads {args.threads}")
+
+    best: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    methods = {
+        "dinokit": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS),
+        "official-style": lambda: official_style(xtr, ytr, xte, yte, KS),
+        "dinokit fp32": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, precision="fp32"),
+        "dinokit faiss": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, backend="faiss"),
+    }
+    for _ in range(args.repeat):  # interleaved, so a noisy neighbour hurts every method alike
+        for name, fn in methods.items():
+            dt, res = timed(fn)
+            best[name] = min(best.get(name, float("inf")), dt)
+            results[name] = res
+    if not args.no_sklearn:
+        best["scikit-learn"], results["scikit-learn"] = timed(sklearn_knn, xtr.numpy(), ytr.numpy(), xte.numpy(),
+                                                              yte.numpy(), KS)
+
+    official = results["official-style"]
+    for name in ("dinokit", "dinokit fp32", "dinokit faiss"):
+        top1 = {k: results[name][k]["top1"] for k in KS}
+        same = all(abs(top1[k] - official[k][0]) < 1e-9 for k in KS)
+        print(f"{name:15s} {best[name]:7.2f} s  top-1 {top1}  same top-1 as official: {same}")
+    print(f"{'official-style':15s} {best['official-style']:7.2f} s  top-1 { {k: v[0] for k, v in official.items()} }")
+    if "scikit-learn" in best:
+        print(f"{'scikit-learn':15s} {best['scikit-learn']:7.2f} s  top-1 (1/distance vote) {results['scikit-learn']}")
+    for name in best:
+        if name != "dinokit":
+            print(f"dinokit is {best[name] / best['dinokit']:.1f}x faster than {name}")
+
+
+if __name__ == "__main__":
+    main()
