@@ -34,7 +34,7 @@ def test_json_round_trip_and_yaml_file(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  arch: vit_tiny_patch16_224\n  out_dim: 512\noptim:\n  epochs: 3\n"
                       "  warmup_epochs: 1\ndata:\n  source: fashion-mnist#100\n  local_crops_scale: [0.1, 0.5]\n")
-    c = load_config(recipe, ["optim.lr=0.002", "max_minutes=30", "data.augment=tensor"])
+    c = load_config(recipe, ["optim.lr=2e-3", "max_minutes=30", "data.augment=tensor"])
     assert (c.model.arch, c.model.out_dim, c.optim.epochs, c.optim.lr) == ("vit_tiny_patch16_224", 512, 3, 0.002)
     assert c.data.local_crops_scale == (0.1, 0.5) and c.max_minutes == 30.0 and c.data.augment == "tensor"
     assert c.optim.min_lr == 1e-6  # untouched keys keep defaults

@@ -127,3 +127,22 @@ def test_bad_inputs_are_rejected(tmp_path: Path) -> None:
         dinokit.train(TrainConfig(), tmp_path / "x")
     with pytest.raises(ValueError, match="total batch is 16"):
         dinokit.train(_cfg(data__source="fashion-mnist#8"), tmp_path / "y")
+
+
+def test_cli_train_runs_a_recipe_and_names_bad_keys(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dinokit.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_cfg(data__source="fashion-mnist#32", optim__epochs=1).to_json())
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(recipe), "--set", "optim.lrr=1", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "optim.lrr: unknown key (did you mean optim.lr?)" in res.output
+    res = runner.invoke(app, ["train", str(recipe), "--set", "max_iterations=1", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["iterations"] == 1 and summary["stopped"] == "max_iterations"
+    res = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout[res.stdout.index("{"):])["iterations"] == 2

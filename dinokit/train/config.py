@@ -278,6 +278,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise _err(source, key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-6" (no dot) as a string: accept numeric strings
+            try:
+                return float(value)
+            except ValueError:
+                raise _err(source, key, f"expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _err(source, key, f"expected a number, got {value!r}")
         return float(value)
