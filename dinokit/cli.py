@@ -517,8 +517,8 @@ def classify_cmd(
 # faiss logs which CPU build it loads at INFO on every import: noise on a command line
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
-_KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW while the graph fits in memory, else IVF-PQ "
-              "with exact re-rank), flat (exact), hnsw, ivfpq.")
+_KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW up to 250k, else IVF-PQ with exact re-rank; "
+              "see dinokit.retrieval.choose_kind), flat (exact), hnsw, ivfpq.")
 
 
 def _retrieval_progress(description: str) -> Any:
@@ -827,6 +827,30 @@ def attention_cmd(
 
 
 # ---------------------------------------------------------------- publishing: export, push, plot
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A `dinokit train` run folder (checkpoint.pth, config.json, logs)."),
+    out_folder: Path = typer.Option(..., "--out", "-o", help="Folder to write (config.json, model.safetensors, README.md)."),
+    which: str = typer.Option("teacher", "--which", help="Backbone to export: teacher or student."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Another checkpoint file of the run."),
+    name: str | None = typer.Option(None, "--name", help="Model name on the card [default: folder name]."),
+    hardware: str | None = typer.Option(None, "--hardware", help="What the run trained on, for the card."),
+) -> None:
+    """Export a run's backbone as a timm-compatible folder with a model card (recipe, data, time, k-NN)."""
+    from dinokit.hub import CheckpointError
+    from dinokit.publish import export
+
+    try:
+        folder = export(run_dir, out_folder, which=which, checkpoint=checkpoint, name=name, hardware=hardware)
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+        _fail(str(exc))
+    info = json.loads((folder / "config.json").read_text()).get("dinokit_train", {})
+    knn = info.get("knn") or {}
+    top1 = f", k-NN top-1 {knn['top1']:.2f}%" if knn.get("top1") is not None else ""
+    console.print(f"exported the {which} of {run_dir} ({info.get('iterations')} iterations{top1})", highlight=False)
+    out.print(str(folder), highlight=False, soft_wrap=True)
 
 
 @app.command("push")

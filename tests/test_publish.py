@@ -113,3 +113,101 @@ def test_push_bad_inputs(model_folder: Path, tmp_path: Path) -> None:
         push(tmp_path, "org/name", token="x")
     with pytest.raises(ValueError, match="not a Hub repo id"):
         push(model_folder, "just-a-name", token="x")
+
+
+# ---------------------------------------------------------------- export of a real (tiny) training run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
+    """A 2-iteration dinokit.train run of a tiny ViT on 32 Fashion-MNIST images, with a k-NN record."""
+    import dinokit
+    from dinokit.train.config import TrainConfig
+
+    cfg = TrainConfig().replace({
+        "model.arch": "vit_tiny_patch16_224",
+        "model.model_args": {"img_size": 28, "patch_size": 7, "depth": 1, "embed_dim": 48, "num_heads": 3},
+        "model.out_dim": 64, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
+        "data.source": f"fashion-mnist:{fmnist_root}@train#32", "data.global_crops_size": 28,
+        "data.local_crops_size": 14, "data.local_crops_number": 2,
+        "data.mean": [0.286, 0.286, 0.286], "data.std": [0.353, 0.353, 0.353],
+        "optim.batch_size_per_gpu": 16, "optim.epochs": 1, "optim.warmup_epochs": 0, "optim.lr": 0.01,
+        "optim.freeze_last_layer": 0, "optim.momentum_teacher": 0.9,
+        "knn.train_source": f"fashion-mnist:{fmnist_root}@train#100",
+        "knn.val_source": f"fashion-mnist:{fmnist_root}@test#40",
+        "precision": "fp32", "saveckp_freq": 0,
+    })
+    run = tmp_path_factory.mktemp("tiny_run")
+    dinokit.train(cfg, run)
+    return run
+
+
+def test_export_loads_in_timm_and_dinokit_with_same_features(tiny_run: Path, tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    import dinokit
+    from dinokit.hub import read_checkpoint
+    from dinokit.publish import export
+
+    folder = export(tiny_run, tmp_path / "fm_tiny", hardware="2 test CPU cores")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    ours = dinokit.load(str(folder))
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert a.shape == (3, 48)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the weights are the checkpoint's teacher backbone, tensor for tensor
+    teacher = read_checkpoint(tiny_run / "checkpoint.pth")["teacher"]
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, teacher[f"backbone.{k}"], rtol=0, atol=0)
+    # preprocessing follows the recipe: 28 px, Fashion-MNIST mean/std, whole image
+    pcfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 28, 28] and pcfg["mean"] == [0.286] * 3 and pcfg["crop_pct"] == 1.0
+    assert list(theirs.pretrained_cfg["std"]) == [0.353, 0.353, 0.353]
+
+
+def test_export_student_differs_from_teacher(tiny_run: Path, tmp_path: Path) -> None:
+    import torch
+
+    import dinokit
+    from dinokit.hub import read_checkpoint
+    from dinokit.publish import export
+
+    student = dinokit.load(str(export(tiny_run, tmp_path / "s", which="student")))
+    sd = read_checkpoint(tiny_run / "checkpoint.pth")["student"]
+    w = student.state_dict()["blocks.0.mlp.fc1.weight"]
+    torch.testing.assert_close(w, sd["backbone.blocks.0.mlp.fc1.weight"], rtol=0, atol=0)
+    assert not torch.equal(w, read_checkpoint(tiny_run / "checkpoint.pth")["teacher"]["backbone.blocks.0.mlp.fc1.weight"])
+
+
+def test_model_card_holds_the_numbers(tiny_run: Path, tmp_path: Path) -> None:
+    from dinokit.publish import export
+
+    knn = [json.loads(ln) for ln in (tiny_run / "log_knn.jsonl").read_text().splitlines()][-1]
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    folder = export(tiny_run, tmp_path / "card", hardware="2 test CPU cores")
+    card = (folder / "README.md").read_text()
+    assert f"top-1 {knn['top1']:.2f}%" in card and f"top-5 {knn['top5']:.2f}%" in card
+    assert "(100 train images as memory, 40 test images)" in card
+    assert f"({summary['train_time_s']:.0f} s)" in card
+    assert "| hardware | 2 test CPU cores (fp32) |" in card
+    assert "1 of 1 epochs, 2 iterations, batch 16 x 1" in card
+    assert "fashion-mnist:" in card and "local_crops_size: 14" in card  # data and the recipe
+    assert "value: " + str(float(knn["top1"])) in card  # Hub model-index metadata
+    info = json.loads((folder / "config.json").read_text())["dinokit_train"]
+    assert info["knn"]["top1"] == knn["top1"] and info["iterations"] == 2
+    assert info["config"]["optim"]["batch_size_per_gpu"] == 16
+
+
+def test_export_knn_override_and_errors(tiny_run: Path, tmp_path: Path) -> None:
+    from dinokit.publish import export
+
+    folder = export(tiny_run, tmp_path / "o", knn={"top1": 88.123, "top5": 99.5, "k": 20, "temperature": 0.07,
+                                                    "n_train": 60000, "n_val": 10000})
+    card = (folder / "README.md").read_text()
+    assert "top-1 88.12%" in card and "(60000 train images as memory, 10000 test images)" in card
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        export(tmp_path, tmp_path / "x")
+    with pytest.raises(ValueError, match="expected 'teacher' or 'student'"):
+        export(tiny_run, tmp_path / "x", which="ema")
