@@ -10,9 +10,12 @@ import pytest
 import torch
 
 import dinokit
+from dinokit.data.fashion_mnist import load_fashion_mnist
+from dinokit.data.multicrop import MultiCropSpec, TensorMultiCrop
 from dinokit.train.checkpoint import load_checkpoint
 from dinokit.train.config import TrainConfig
-from dinokit.train.loop import TrainingDiverged
+from dinokit.train.loop import TrainingDiverged, build_models
+from dinokit.train.loss import DINOLoss
 
 TINY: dict[str, Any] = {
     "model.arch": "vit_tiny_patch16_224",
@@ -38,7 +41,7 @@ def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 def test_image_folder_run_writes_logs_and_official_checkpoint(tmp_path: Path, fmnist_folders: dict[str, Path]) -> None:
     cfg = _cfg(data__source=str(fmnist_folders["train"]), data__augment="pil", data__num_workers=0,
-               optim__epochs=2, saveckp_freq=1, knn__train_source=str(fmnist_folders["train"]),
+               optim__epochs=2, optim__lr=0.01, saveckp_freq=1, knn__train_source=str(fmnist_folders["train"]),
                knn__val_source=str(fmnist_folders["val"]), knn__k=5)
     seen: list[tuple[int, int, dict[str, Any]]] = []
     summary = dinokit.train(cfg, tmp_path / "run", progress=lambda d, t, s: seen.append((d, t, s)))
@@ -53,8 +56,8 @@ def test_image_folder_run_writes_logs_and_official_checkpoint(tmp_path: Path, fm
     assert [r["epoch"] for r in _read_jsonl(run / "log_epoch.jsonl")] == [1, 2]
     knn = _read_jsonl(run / "log_knn.jsonl")
     assert [r["epoch"] for r in knn] == [1, 2] and knn[-1]["n_val"] == 60 and 0 <= knn[-1]["top1"] <= 100
-    # lr follows the official schedule: base 0.0005 * 16 / 256, linear warm-up over epoch 1
-    assert it_log[0]["lr"] == pytest.approx(0.0005 * 16 / 256 * 1 / (ipe - 1))
+    # lr follows the official schedule: lr * 16 / 256, linear warm-up over epoch 1
+    assert it_log[0]["lr"] == pytest.approx(0.01 * 16 / 256 * 1 / (ipe - 1))
     ck = load_checkpoint(run / "checkpoint.pth")
     assert (run / "checkpoint_0001.pth").is_file() and (run / "checkpoint_0002.pth").is_file()
     assert ck["epoch"] == 2 and ck["iteration"] == 2 * ipe and ck["precision"] == "fp32"
@@ -66,6 +69,24 @@ def test_image_folder_run_writes_logs_and_official_checkpoint(tmp_path: Path, fm
     # the teacher is a moving average, not the student
     diff = [k for k in ck["student"] if not torch.equal(ck["student"][k], ck["teacher"][k])]
     assert "backbone.blocks.0.attn.qkv.weight" in diff
+    # the loss dropped: on a fixed batch of unseen images, against the final teacher's centered and
+    # sharpened targets, the trained student scores a lower DINO loss than the untrained one
+    torch.manual_seed(cfg.seed)
+    untrained, teacher = build_models(cfg)
+    trained, _ = build_models(cfg)
+    trained.load_state_dict(ck["student"])
+    teacher.load_state_dict(ck["teacher"])
+    x, _ = load_fashion_mnist("test", limit=64)
+    crops = TensorMultiCrop(MultiCropSpec.from_config(cfg.data))(torch.from_numpy(x.copy()).unsqueeze(1),
+                                                                 torch.Generator().manual_seed(0))
+    losses = []
+    with torch.no_grad():
+        targets = teacher.eval()(crops[:2])
+        for net in (untrained.eval(), trained.eval()):
+            fn = DINOLoss(256, 4, 0.04, 0.04, 0, 2)
+            fn.center.copy_(ck["dino_loss"]["center"])
+            losses.append(fn(net(crops), targets, 1).item())
+    assert losses[1] < losses[0] - 0.2, losses
     # dinokit.load reads the teacher backbone of this checkpoint
     model = dinokit.load(run / "checkpoint.pth")
     bb = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}

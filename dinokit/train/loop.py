@@ -418,7 +418,7 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
     wants_stats = _progress_wants_stats(progress)
     t_start = time.perf_counter()
     win_t0, win_loss, win_n = time.perf_counter(), 0.0, 0
-    ep_t0, ep_loss, ep_n, ep_overhead = time.perf_counter(), 0.0, 0, 0.0
+    ep_t0, ep_loss, ep_n = time.perf_counter(), 0.0, 0
     last_loss = math.nan
     stopped: str | None = None
     knn_last: dict[str, Any] | None = None
@@ -477,7 +477,7 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
             win_t0, win_loss, win_n = time.perf_counter(), 0.0, 0
         if main and progress is not None:
             if wants_stats:
-                ips = data.global_batch * ep_n / max(time.perf_counter() - ep_t0 - ep_overhead, 1e-9)
+                ips = data.global_batch * ep_n / max(time.perf_counter() - ep_t0, 1e-9)
                 progress(it, total_iters, {**rec, "loss": loss_value, "images_per_s": ips})
             else:
                 progress(it, total_iters)
@@ -489,7 +489,7 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
             if main:
                 _append_jsonl(run_dir / "log_epoch.jsonl", {
                     **{k: v for k, v in rec.items() if k != "epoch"}, "epoch": epochs_done, "loss": ep_loss / ep_n,
-                    "images_per_s": ep_n * data.global_batch / max(ep_time - ep_overhead, 1e-9),
+                    "images_per_s": ep_n * data.global_batch / max(ep_time, 1e-9),
                     "epoch_time_s": ep_time, "time_s": elapsed})
             if epochs_done % cfg.checkpoint_every == 0 or it == total_iters:
                 save(it, elapsed)
@@ -497,7 +497,7 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
                     epochs_done % cfg.knn.every_epochs == 0:
                 knn_last = _run_knn(monitor, teacher_m, precision, epochs_done, it, elapsed, run_dir)
             distributed.barrier()
-            ep_t0, ep_loss, ep_n, ep_overhead = time.perf_counter(), 0.0, 0, 0.0
+            ep_t0, ep_loss, ep_n = time.perf_counter(), 0.0, 0
             win_t0 = time.perf_counter()
 
         stop = None
@@ -519,12 +519,12 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
     elapsed = time_before + time.perf_counter() - t_start
     if start_iter >= total_iters:
         log.info("%s: training already complete (%d iterations)", ckpt_path, total_iters)
-    if monitor is not None:
+    if monitor is not None and (knn_last is None or knn_last["iteration"] != it):
         knn_last = _run_knn(monitor, teacher_m, precision, it // ipe, it, elapsed, run_dir)
     done_images = (it - start_iter) * data.global_batch
     summary = {
         "run_dir": str(run_dir), "checkpoint": str(ckpt_path), "epochs_completed": it // ipe, "iterations": it,
-        "iterations_per_epoch": ipe, "final_loss": last_loss, "stopped": stopped, "precision": precision,
+        "iterations_per_epoch": ipe, "final_loss": last_loss if math.isfinite(last_loss) else None, "stopped": stopped, "precision": precision,
         "device": str(device), "world_size": world,
         "images_per_s": done_images / max(time.perf_counter() - t_start, 1e-9), "train_time_s": elapsed,
         "knn": knn_last,
