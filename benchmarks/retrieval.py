@@ -83,7 +83,8 @@ def measure(index: Index, q: np.ndarray, truth: np.ndarray, n_single: int, **sea
             "recall@10": recall_at(res.ids, truth)}
 
 
-def run_size(n: int, n_queries: int, threads: int, log: list[dict[str, Any]]) -> None:
+def run_size(n: int, n_queries: int, threads: int, log: list[dict[str, Any]],
+             kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq")) -> None:
     set_num_threads(threads)
     t = time.perf_counter()
     data = clustered(n + n_queries, seed=n)
@@ -102,12 +103,20 @@ def run_size(n: int, n_queries: int, threads: int, log: list[dict[str, Any]]) ->
     flat = Index.from_features(x, paths, kind="flat")
     build = time.perf_counter() - t
     truth = flat.search(q, k=10).ids
-    m = measure(flat, q, truth, n_single=min(50, n_queries))
+    m = measure(flat, q, truth, n_single=min(20, n_queries))
     record("flat", {}, build, file_bytes(flat) / n, m)
     del flat
     gc.collect()
 
+    if "hnsw" in kinds:
+        _hnsw(x, q, paths, truth, record)
+    if "ivfpq" in kinds:
+        _ivfpq(x, q, paths, truth, record)
+
+
+def _hnsw(x: np.ndarray, q: np.ndarray, paths: list[str], truth: np.ndarray, record: Any) -> None:
     # HNSW: one graph, several efSearch values
+    n = len(x)
     t = time.perf_counter()
     hnsw = Index.from_features(x, paths, kind="hnsw", M=32, ef_construction=40)
     build = time.perf_counter() - t
@@ -118,13 +127,16 @@ def run_size(n: int, n_queries: int, threads: int, log: list[dict[str, Any]]) ->
     del hnsw
     gc.collect()
 
+
+def _ivfpq(x: np.ndarray, q: np.ndarray, paths: list[str], truth: np.ndarray, record: Any) -> None:
     # IVF-PQ with exact float32 re-rank: one trained index, several nprobe / k_factor values
+    n = len(x)
     t = time.perf_counter()
     ivf = Index.from_features(x, paths, kind="ivfpq")
     build = time.perf_counter() - t
     bpv = file_bytes(ivf) / n
-    base = {k: ivf.knobs[k] for k in ("nlist", "pq_m", "nbits", "refine")}
-    for nprobe, kf in ((8, 8), (16, 8), (16, 16), (32, 16), (64, 32)):
+    base = {k: ivf.knobs[k] for k in ("nlist", "pq_m", "refine")}
+    for nprobe, kf in ((8, 8), (8, 16), (8, 32), (16, 16), (16, 32), (32, 32), (64, 64)):
         m = measure(ivf, q, truth, n_single=200, nprobe=nprobe, k_factor=kf)
         record("ivfpq", {**base, "nprobe": nprobe, "k_factor": kf}, build, bpv, m)
     del ivf
@@ -148,6 +160,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"],
+                    help="kinds to measure (flat always runs: it is the baseline and the ground truth)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
     args = ap.parse_args()
     import faiss
@@ -156,7 +170,7 @@ def main() -> None:
           f"{args.threads} threads", flush=True)
     log: list[dict[str, Any]] = []
     for n in args.sizes:
-        run_size(n, args.queries, args.threads, log)
+        run_size(n, args.queries, args.threads, log, tuple(args.kinds))
         if args.json:
             args.json.write_text(json.dumps(log, indent=1))
     print("\n" + markdown(log))

@@ -581,7 +581,7 @@ def index_build_cmd(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically)."),
     kind: str = typer.Option("auto", "--kind", help=_KIND_HELP),
     knob: list[str] | None = typer.Option(None, "--knob", help="Index knob KEY=VALUE, repeatable: hnsw M, "
-                                          "ef_construction, ef_search; ivfpq nlist, pq_m, nbits, nprobe, "
+                                          "ef_construction, ef_search; ivfpq nlist, pq_m, nprobe, "
                                           "k_factor, refine (flat|sq8)."),
     features: str = typer.Option("cls", "--features", help="Feature kind: cls, cls+avgpool, lastN."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),

@@ -105,6 +105,8 @@ def test_approximate_recall_floor(data, kind: str, knobs: dict, floor: float) ->
 def test_auto_choice_rule() -> None:
     assert choose_kind(1_000, 384)[0] == "flat"
     assert choose_kind(200_000, 384)[0] == "hnsw"
+    assert choose_kind(1_000_000, 384) == ("ivfpq", {"refine": "flat"})
+    assert choose_kind(200_000, 384, memory_budget=2**28) == ("ivfpq", {"refine": "sq8"})
     assert choose_kind(50_000_000, 384) == ("ivfpq", {"refine": "sq8"})
     assert choose_kind(2_000_000, 384, memory_budget=3 * 2**30) == ("ivfpq", {"refine": "flat"})
     assert Index.from_features(clustered(300), names(300), kind="auto").kind == "flat"
