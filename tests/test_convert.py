@@ -47,6 +47,7 @@ def test_hf_vit_keys_fuse_qkv_in_query_key_value_order() -> None:
         "encoder.layer.0.layernorm_after.weight": torch.full((d,), 5.0),
         "layernorm.weight": torch.full((d,), 6.0),
         "pooler.dense.weight": torch.zeros(d, d),
+        "embeddings.mask_token": torch.zeros(1, 1, d),
     }
     t = hf_vit_to_timm(hf)
     qkv = t["blocks.0.attn.qkv.weight"]
@@ -58,7 +59,7 @@ def test_hf_vit_keys_fuse_qkv_in_query_key_value_order() -> None:
     assert t["blocks.0.norm1.weight"][0] == 4 and t["blocks.0.norm2.weight"][0] == 5 and t["norm.weight"][0] == 6
     assert "pos_embed" in t and "patch_embed.proj.weight" in t and not any(k.startswith("pooler") for k in t)
     back = timm_vit_to_hf(t)
-    assert set(back) == set(hf) - {"pooler.dense.weight"}
+    assert set(back) == set(hf) - {"pooler.dense.weight", "embeddings.mask_token"}
     assert all(torch.equal(back[k], hf[k]) for k in back)
 
 

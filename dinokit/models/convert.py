@@ -169,7 +169,7 @@ def hf_vit_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF transformers ViTModel state dict -> timm VisionTransformer keys.
 
     query/key/value (D, D) each are stacked into ``attn.qkv`` (3D, D) in q, k, v order (timm's
-    layout); the pooler and any classifier are dropped.
+    layout); the pooler, the masked-image-modeling mask token and any classifier are dropped.
     """
     sd = strip_prefix(sd, "vit.")
     out: dict[str, torch.Tensor] = {}
@@ -179,7 +179,7 @@ def hf_vit_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if k in _HF_TOP_MAP:
             out[_HF_TOP_MAP[k]] = v
             continue
-        if k.startswith(("pooler.", "classifier.")):
+        if k.startswith(("pooler.", "classifier.")) or k == "embeddings.mask_token":
             log.info("dropping %s (not part of the DINO backbone)", k)
             continue
         m = _HF_LAYER.match(k)
