@@ -199,3 +199,16 @@ def test_embed_restores_training_mode() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(e.features, model(x))  # and it ran in eval mode (dropout off)
+
+
+def test_embed_honours_exif_orientation(tmp_path: Path, tiny_vit: torch.nn.Module) -> None:
+    arr = np.random.default_rng(4).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees clockwise
+    Image.fromarray(arr).save(tmp_path / "a_tagged.png", exif=exif.tobytes())
+    Image.fromarray(np.ascontiguousarray(np.rot90(arr, k=-1))).save(tmp_path / "b_upright.png")
+    Image.fromarray(arr).save(tmp_path / "c_untagged.png")
+    e = embed(tiny_vit, tmp_path, num_workers=0, image_size=32)
+    assert e.paths == ["a_tagged.png", "b_upright.png", "c_untagged.png"]
+    torch.testing.assert_close(e.features[0], e.features[1], atol=1e-6, rtol=0)
+    assert (e.features[0] - e.features[2]).abs().max() > 1e-3  # the rotation did change the features
