@@ -75,7 +75,8 @@ def load(
             model = _load_folder(path, src, which, model_args)
         elif path.is_file():
             model = _load_file(path, src, which, model_args)
-        elif _HF_REPO_ID.match(src) and not src.startswith((".", "/", "~")):
+        elif (_HF_REPO_ID.match(src) and not src.startswith((".", "/", "~"))
+              and path.suffix.lower() not in (*_TORCH_SUFFIXES, ".safetensors")):
             model = _load_hf(src, src, which, model_args)
         else:
             from dinokit.models.registry import model_names

@@ -228,6 +228,8 @@ def test_resnet50_from_torchvision_keys(tmp_path: Path) -> None:
 def test_bad_sources_give_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a registry model"):
         dinokit.load(tmp_path / "nothing.pth")
+    with pytest.raises(FileNotFoundError, match=r"^models/typo\.pth: not a registry model"):
+        dinokit.load("models/typo.pth")  # looks like org/name, but it is a missing file
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint")
     with pytest.raises(CheckpointError, match=r"garbage\.pth: cannot be read as a checkpoint with weights_only"):
         dinokit.load(tmp_path / "garbage.pth")
