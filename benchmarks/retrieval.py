@@ -112,6 +112,8 @@ def run_size(n: int, n_queries: int, threads: int, log: list[dict[str, Any]],
         _hnsw(x, q, paths, truth, record)
     if "ivfpq" in kinds:
         _ivfpq(x, q, paths, truth, record)
+    if "ivfpq-sq8" in kinds:
+        _ivfpq(x, q, paths, truth, record, refine="sq8")
 
 
 def _hnsw(x: np.ndarray, q: np.ndarray, paths: list[str], truth: np.ndarray, record: Any) -> None:
@@ -128,11 +130,12 @@ def _hnsw(x: np.ndarray, q: np.ndarray, paths: list[str], truth: np.ndarray, rec
     gc.collect()
 
 
-def _ivfpq(x: np.ndarray, q: np.ndarray, paths: list[str], truth: np.ndarray, record: Any) -> None:
-    # IVF-PQ with exact float32 re-rank: one trained index, several nprobe / k_factor values
+def _ivfpq(x: np.ndarray, q: np.ndarray, paths: list[str], truth: np.ndarray, record: Any,
+           refine: str = "flat") -> None:
+    # IVF-PQ with a float32 (or 8-bit) re-rank: one trained index, several nprobe / k_factor values
     n = len(x)
     t = time.perf_counter()
-    ivf = Index.from_features(x, paths, kind="ivfpq")
+    ivf = Index.from_features(x, paths, kind="ivfpq", refine=refine)
     build = time.perf_counter() - t
     bpv = file_bytes(ivf) / n
     base = {k: ivf.knobs[k] for k in ("nlist", "pq_m", "refine")}
@@ -161,7 +164,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"],
-                    help="kinds to measure (flat always runs: it is the baseline and the ground truth)")
+                    help="kinds to measure: flat hnsw ivfpq ivfpq-sq8 (flat always runs: it is the baseline "
+                    "and the ground truth)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
     args = ap.parse_args()
     import faiss
