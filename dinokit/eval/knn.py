@@ -150,12 +150,11 @@ def _group_candidates(approx: torch.Tensor, k: int, group: int = _GROUP) -> torc
     width = n // group
     if width <= 2 * k:
         return approx.topk(k, dim=1, sorted=False).indices
-    gmax = approx.view(q, group, width).amax(dim=1)  # (Q, width)
-    top_groups = gmax.topk(k, dim=1, sorted=False).indices  # (Q, k)
-    offsets = torch.arange(group, device=approx.device) * width
-    cols = (top_groups.unsqueeze(2) + offsets).reshape(q, -1)  # (Q, k * group)
-    sel = approx.gather(1, cols).topk(k, dim=1, sorted=False).indices
-    return cols.gather(1, sel)
+    slabs = approx.view(q, group, width)
+    top_groups = slabs.amax(dim=1).topk(k, dim=1, sorted=False).indices  # (Q, k)
+    vals = slabs.gather(2, top_groups.unsqueeze(1).expand(q, group, k))  # (Q, group, k)
+    sel = vals.view(q, -1).topk(k, dim=1, sorted=False).indices  # into group * k
+    return (sel // k) * width + top_groups.gather(1, sel % k)
 
 
 def _pair_dots(test: torch.Tensor, train: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,12 @@ part of the train set, and that lr is retrained on all of it. Seconds on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,7 @@ def fit_linear(
     batch_size: int = 1024,
     holdout: float = 0.1,
     seed: int = 0,
+    threads: int | None = 1,
     progress: Progress | None = None,
 ) -> tuple[LinearHead, dict[str, Any]]:
     """Fast linear probe on frozen features (N, D) with int labels (N,): no augmentation.
@@ -227,6 +229,10 @@ def fit_linear(
     the official lr) trained at once; the best on a ``holdout`` fraction of the train set (stratified
     by nothing, just a seeded random split) is retrained on everything. Returns the head and a
     settings dict (chosen lr, held-out accuracy per lr, epochs, batch size).
+
+    ``threads``: torch CPU threads while training (restored afterwards; None keeps the current
+    setting). The default 1 is deliberate: each step is a small matmul, and thread hand-offs cost
+    more than they save (on a busy 2-core machine, 10x more).
     """
     x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).float()
     x = x.flatten(1).cpu().contiguous()
@@ -243,6 +249,25 @@ def fit_linear(
     lrs = [lr] if isinstance(lr, (int, float)) else list(lr or [v * batch_size / 256 for v in FAST_LRS])
     settings: dict[str, Any] = {"mode": "fast", "epochs": epochs, "batch_size": batch_size,
                                 "features": feature_kind}
+    with _torch_threads(threads):
+        head = _fit(x, y, c, lrs, classes, feature_kind, epochs, batch_size, holdout, seed, settings, progress)
+    return head, settings
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, c: int, lrs: list[float], classes: Sequence[str] | None,
+         feature_kind: str, epochs: int, batch_size: int, holdout: float, seed: int, settings: dict[str, Any],
+         progress: Progress | None) -> LinearHead:
     if len(lrs) > 1 and holdout > 0 and len(x) >= 20:
         g = torch.Generator().manual_seed(seed + 1)
         perm = torch.randperm(len(x), generator=g)
@@ -259,7 +284,7 @@ def fit_linear(
     head = LinearHead(x.shape[1], c, classes, feature_kind, {"settings": settings})
     head.linear.weight.data.copy_(w[0])
     head.linear.bias.data.copy_(b[0])
-    return head.eval(), settings
+    return head.eval()
 
 
 # ------------------------------------------------------------------------------------------ official
