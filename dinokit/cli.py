@@ -303,7 +303,7 @@ def knn_eval_cmd(
                                 help="Neighbour counts, all scored with one search: --k 10 20 100 200 or --k 20."),
     temperature: float = typer.Option(0.07, "--temperature", "-T", help="Vote temperature T: weights exp(sim / T)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here, and the confusion "
-                                         "matrix / per-class PNGs beside it (<stem>.confusion.png, ...)."),
+                                         "matrix / per-class PNGs beside it (<stem>.confusion.png, ...). Default: no files."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass when embedding."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
@@ -313,7 +313,7 @@ def knn_eval_cmd(
     precision: str = typer.Option("auto", "--precision", help="torch search: auto, fp32, or bf16 (bf16 candidates "
                                   "re-ranked exactly; same result as fp32)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache "
-                                  "($DINOKIT_CACHE, default ~/.cache/dinokit)."),
+                                  "($DINOKIT_CACHE, default ~/.cache/dinokit). Default: off (cache used)."),
 ) -> None:
     """Weighted k-NN accuracy (DINO's official protocol) of a model on a labeled train / val set.
 
@@ -407,7 +407,7 @@ def linear_eval_cmd(
     val: str = typer.Option(..., "--val", help=f"Val set: {_DATA_HELP}; default split test."),
     fast: bool = typer.Option(False, "--fast", help="Train on cached frozen features without augmentation "
                               "(seconds on a CPU) instead of the official protocol (RandomResizedCrop + flip, "
-                              "backbone forward every epoch)."),
+                              "backbone forward every epoch). Default: off (official)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: 100 official, 30 --fast)."),
     lr: float | None = typer.Option(None, "--lr", help="Base lr, scaled by batch/256 (default: 0.001 official; "
                                     "--fast sweeps 0.001, 0.01, 0.1, 1 and keeps the best on 10% of train)."),
@@ -421,7 +421,7 @@ def linear_eval_cmd(
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (init, shuffling, augmentation)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache. Default: off (cache used)."),
 ) -> None:
     """Linear probe of a frozen model: train one linear layer, report top-1 / top-5, save the head.
 
@@ -464,7 +464,7 @@ def classify_cmd(
     model: str = typer.Option(..., "--model", "-m", help="The backbone the head was trained on."),
     head: Path = typer.Option(..., "--head", help="A head.safetensors written by dinokit linear-eval."),
     top_k: int = typer.Option(1, "--top-k", help="Print the k most likely classes per image."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (path, label, prob, topk) instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (path, label, prob, topk) instead of a table. Default: off."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
 ) -> None:
