@@ -160,3 +160,12 @@ def test_save_attention_and_gif(tmp_path) -> None:
     gif = frames_gif(model, frames, tmp_path / "video.gif", image_size=40)
     with Image.open(gif) as im:
         assert im.n_frames == 3 and im.size == (48, 40)
+
+
+def test_fixed_size_vit_gets_a_clear_error() -> None:
+    torch.manual_seed(0)
+    fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                              depth=2, embed_dim=48, num_heads=3).eval()
+    with pytest.raises(ValueError, match=r"cannot take \(40, 48\) inputs .*dynamic_img_size=True"):
+        dinokit.last_selfattention(fixed, torch.randn(1, 3, 40, 48))
+    assert not fixed.blocks[-1].attn._forward_pre_hooks  # the hook is gone after an error too
