@@ -253,6 +253,8 @@ class Index:
         # how to load the model again (registry name, absolute path, HF repo id), for the CLI
         self.model_source = model_source
         self._model_fp_cache: dict[int, str] = {}
+        # the model that embeds image queries when search/add get no model= (set by build; not saved)
+        self.model: Any = None
 
     # ------------------------------------------------------------------ construction
 
@@ -314,10 +316,13 @@ class Index:
                             image_size=image_size, feature_kind=feature_kind, progress=progress)
         if len(emb.paths) == 0:
             raise ValueError(f"{folder}: no usable images to index")
-        return cls.from_features(emb.features, emb.paths, kind, model_identity=identity(model),
-                                 feature_kind=feature_kind, root=folder,
-                                 image_size=emb.info.get("image_size") or image_size,
-                                 model_source=model_source or _source_of(model), memory_budget=memory_budget, **knobs)
+        index = cls.from_features(emb.features, emb.paths, kind, model_identity=identity(model),
+                                  feature_kind=feature_kind, root=folder,
+                                  image_size=emb.info.get("image_size") or image_size,
+                                  model_source=model_source or _source_of(model), memory_budget=memory_budget,
+                                  **knobs)
+        index.model = model  # later searches by image need no model= (a loaded index does)
+        return index
 
     # ------------------------------------------------------------------ content
 
@@ -387,6 +392,7 @@ class Index:
         else:
             if items is None:
                 raise ValueError("add() needs a folder, image paths, or features= and paths=")
+            model = model if model is not None else self.model
             if model is None:
                 raise ValueError("add(folder) needs model= (the model this index was built with)")
             self._check_model(model)
@@ -472,7 +478,8 @@ class Index:
         """The ``k`` nearest stored images of each query, best first.
 
         ``queries``: vectors (N, D) or (D,) (numpy or torch), a PIL image or list of them, or image
-        path(s); images need ``model`` (the one the index was built with; checked by fingerprint).
+        path(s); images are embedded with ``model`` (default: the model given to :meth:`build`; a
+        loaded index needs it passed), which must be the one the index was built with (fingerprint).
         ``feature_kind``: what kind of vectors are passed (checked against the index when given).
         ``ef_search`` / ``nprobe`` / ``k_factor`` override the stored knobs for this call.
         """
@@ -539,6 +546,7 @@ class Index:
         items = [queries] if isinstance(queries, (str, os.PathLike, Image.Image)) else list(queries)
         if not items:
             raise ValueError("no queries given")
+        model = model if model is not None else self.model
         if model is None:
             raise ValueError("searching by image needs model= (the model this index was built with"
                              + (f": {self.model_identity.get('name')}" if self.model_identity else "") + ")")

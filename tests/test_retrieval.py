@@ -238,7 +238,7 @@ def test_build_search_by_path_and_image(photo_folder: Path) -> None:
     index = Index.build(photo_folder, model=model, kind="flat", num_workers=0)
     assert len(index) == 24 and index.paths[0] == "a/01.png"
     assert index.model_identity["fingerprint"] == dinokit.models.backbone.fingerprint(model)
-    res = index.search([photo_folder / "b" / "04.png"], k=3, model=model)
+    res = index.search([photo_folder / "b" / "04.png"], k=3)  # build() keeps its model for queries
     assert res.paths[0, 0] == "b/04.png" and res.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     with Image.open(photo_folder / "a" / "07.png") as im:
         res = index.search(im.convert("RGB"), k=1, model=model)
@@ -276,8 +276,9 @@ def test_model_mismatch_is_a_clear_error(tmp_path: Path, photo_folder: Path) -> 
         index.add(photo_folder, model=other)
     with pytest.raises(ModelMismatchError, match="query features come from"):
         index.search(dinokit.embed(other, photo_folder / "a", num_workers=0), k=3)
+    index.save(tmp_path / "idx")
     with pytest.raises(ValueError, match="needs model="):
-        index.search([photo_folder / "a" / "01.png"], k=3)
+        Index.load(tmp_path / "idx").search([photo_folder / "a" / "01.png"], k=3)
 
 
 def test_corrupt_query_image_named_in_one_line(tmp_path: Path, photo_folder: Path) -> None:
