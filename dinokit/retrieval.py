@@ -255,6 +255,7 @@ class Index:
         self._model_fp_cache: dict[int, str] = {}
         # the model that embeds image queries when search/add get no model= (set by build; not saved)
         self.model: Any = None
+        self._dead: np.ndarray | None = None  # positions of removed vectors, cached for the selector
 
     # ------------------------------------------------------------------ construction
 
@@ -456,6 +457,7 @@ class Index:
         if len(x):
             index.add(np.ascontiguousarray(x))
         self._index = index
+        self._dead = None
         self._paths = [self._paths[i] for i in alive]
         self._pos = {p: i for i, p in enumerate(self._paths) if p is not None}
 
@@ -513,8 +515,9 @@ class Index:
         sel = batch_sel = None
         if deleted:
             # keep both selectors referenced: the Not selector only holds a raw pointer to the batch
-            dead = np.array([i for i, p in enumerate(self._paths) if p is None], dtype=np.int64)
-            batch_sel = faiss.IDSelectorBatch(dead)
+            if self._dead is None or len(self._dead) != deleted:  # rebuilt only after a removal
+                self._dead = np.array([i for i, p in enumerate(self._paths) if p is None], dtype=np.int64)
+            batch_sel = faiss.IDSelectorBatch(self._dead)
             sel = faiss.IDSelectorNot(batch_sel)
         if self.kind == "flat":
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
