@@ -294,6 +294,9 @@ class Index:
         if kind == "ivfpq" and dim % int(knobs["pq_m"]) != 0:
             raise ValueError(f"pq_m={knobs['pq_m']} must divide the feature dimension {dim}")
         index = _new_faiss_index(kind, dim, knobs)
+        if len(x) >= 100_000:  # minutes on a few cores: say what is happening
+            log.info("building a %s index over %d vectors (%s)", kind, len(x),
+                     ", ".join(f"{k}={v}" for k, v in knobs.items()) or "exact")
         if not index.is_trained:
             index.train(_train_sample(x, knobs))
         index.add(x)
