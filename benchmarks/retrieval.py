@@ -83,14 +83,38 @@ def measure(index: Index, q: np.ndarray, truth: np.ndarray, n_single: int, **sea
             "recall@10": recall_at(res.ids, truth)}
 
 
+def load_features(spec: str, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real features: a dinokit feature file (.npz/.npy/.safetensors, from `dinokit embed`) or
+    ``fashion-mnist`` (raw 784-d pixels of the 70k images: real image data, not DINO features).
+    A random ``n_queries`` rows are held out as queries."""
+    if spec == "fashion-mnist":
+        from dinokit.data.fashion_mnist import load_fashion_mnist
+
+        xs = [load_fashion_mnist(split)[0] for split in ("train", "test")]
+        feats = np.concatenate(xs).reshape(-1, 784).astype(np.float32)
+        feats -= feats.mean(axis=0)  # centred pixels: the better pixel-space baseline
+    else:
+        from dinokit.embed import load_embeddings
+
+        feats = load_embeddings(spec).features.numpy().astype(np.float32)
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    perm = np.random.default_rng(seed).permutation(len(feats))
+    return feats[perm[n_queries:]], feats[perm[:n_queries]]
+
+
 def run_size(n: int, n_queries: int, threads: int, log: list[dict[str, Any]],
-             kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq")) -> None:
+             kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq"), features: str | None = None) -> None:
     set_num_threads(threads)
     t = time.perf_counter()
-    data = clustered(n + n_queries, seed=n)
-    x, q = data[:n], data[n:]
-    del data
-    print(f"\n## n={n:,}: data generated in {time.perf_counter() - t:.1f} s", flush=True)
+    if features is None:
+        data = clustered(n + n_queries, seed=n)
+        x, q = data[:n], data[n:]
+        del data
+    else:
+        x, q = load_features(features, n_queries)
+        n = len(x)
+    print(f"\n## n={n:,} ({features or 'clustered'}, dim {x.shape[1]}): data ready in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
     paths = [str(i) for i in range(n)]
 
     def record(kind: str, knobs: dict[str, Any], build_s: float, bpv: float, m: dict[str, Any]) -> None:
@@ -166,6 +190,8 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivfpq"],
                     help="kinds to measure: flat hnsw ivfpq ivfpq-sq8 (flat always runs: it is the baseline "
                     "and the ground truth)")
+    ap.add_argument("--features", default=None,
+                    help="real features instead of synthetic ones: a dinokit feature file or fashion-mnist")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
     args = ap.parse_args()
     import faiss
@@ -173,8 +199,8 @@ def main() -> None:
     print(f"faiss {faiss.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads", flush=True)
     log: list[dict[str, Any]] = []
-    for n in args.sizes:
-        run_size(n, args.queries, args.threads, log, tuple(args.kinds))
+    for n in args.sizes if args.features is None else [0]:
+        run_size(n, args.queries, args.threads, log, tuple(args.kinds), args.features)
         if args.json:
             args.json.write_text(json.dumps(log, indent=1))
     print("\n" + markdown(log))
