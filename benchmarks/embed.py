@@ -64,6 +64,23 @@ def pipeline(model: torch.nn.Module, folder: Path, out: Path, batch_size: int, w
     return elapsed
 
 
+def preprocess_cost(model: torch.nn.Module, folder: Path, n: int = 64) -> float:
+    """Seconds per image to decode + resize + crop + normalize on one thread, as in a DataLoader worker."""
+    from dinokit.data.images import ImageDataset, list_images
+    from dinokit.data.transforms import eval_transform
+
+    ds = ImageDataset(list_images(folder)[:n], eval_transform(model))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run torch on one thread
+    try:
+        t0 = time.perf_counter()
+        for i in range(len(ds)):
+            ds[i]
+        return (time.perf_counter() - t0) / len(ds)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
@@ -85,6 +102,7 @@ def main() -> None:
         x = torch.randn(args.images, 3, 224, 224)
         with torch.inference_mode():  # warm-up: allocator, kernels
             model(x[: args.batch_size])
+        prep = preprocess_cost(model, folder)
         base, pipe = [], []
         for r in range(args.rounds):
             base.append(bare_loop(model, x, args.batch_size))
@@ -95,6 +113,8 @@ def main() -> None:
     # Each round runs both back to back, so its ratio sees the same machine load: use their median.
     ratio = statistics.median(b / p for b, p in zip(base, pipe, strict=True))
     workers = args.workers if args.workers is not None else default_num_workers()
+    print(f"preprocessing    : {1000 * prep:.1f} ms/image (decode + resize + crop + normalize, one core)")
+    print(f"model            : {1000 / b_ips:.1f} ms/image")
     print(f"bare timm loop   : {b_ips:.1f} images/s (median of {args.rounds})")
     print(f"dinokit pipeline : {p_ips:.1f} images/s (median of {args.rounds})")
     print(f"ratio            : {ratio:.3f} (median of per-round ratios; goal >= 0.85)")
