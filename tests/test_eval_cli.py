@@ -160,3 +160,22 @@ def test_cli_errors_are_one_line(tiny_folder, tmp_path):
     for cmd in ("knn-eval", "linear-eval", "classify"):
         code, stdout, _ = _run([cmd, "--help"])
         assert code == 0 and "Example:" in stdout
+
+
+def test_knn_eval_on_fashion_mnist_specs_uses_the_test_split_for_val(tiny_folder, fmnist_root, tmp_path):
+    from dinokit.data.fashion_mnist import load_fashion_mnist
+
+    folder, model = tiny_folder
+    out = tmp_path / "f.json"
+    code, _, stderr = _run(["knn-eval", "--model", str(folder), "--train", f"fashion-mnist:{fmnist_root}#120",
+                            "--val", f"fashion-mnist:{fmnist_root}#40", "--k", "3,7", "--backend", "faiss",
+                            "--json", str(out), "--workers", "0"])
+    assert code == 0, stderr
+    data = json.loads(out.read_text())
+    assert data["num_train"] == 120 and data["num_val"] == 40 and data["classes"][0] == "T-shirt/top"
+    xtr, ytr = load_fashion_mnist("train", fmnist_root, limit=120)
+    xte, yte = load_fashion_mnist("test", fmnist_root, limit=40)
+    ref = knn_classify_multi(embed(model, xtr, num_workers=0).features, ytr,
+                             embed(model, xte, num_workers=0).features, yte, ks=(3, 7), num_classes=10)
+    for k in (3, 7):
+        assert data["results"][str(k)]["top1"] == pytest.approx(ref[k]["top1"])
