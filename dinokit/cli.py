@@ -467,6 +467,7 @@ def classify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (path, label, prob, topk) instead of a table. Default: off."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    workers: int = typer.Option(0, "--workers", help="Decoding processes (0: decode in this process)."),
 ) -> None:
     """Predict class labels for images with a backbone and a linear head from linear-eval.
 
@@ -491,7 +492,8 @@ def classify_cmd(
     try:
         clf = LinearHead.load(head)
         net = load(model)
-        rows, skipped = classify(net, clf, paths, topk=top_k, batch_size=batch_size, device=device, num_workers=0)
+        rows, skipped = classify(net, clf, paths, topk=top_k, batch_size=batch_size, device=device,
+                                 num_workers=workers)
     except (FileNotFoundError, ValueError, OSError) as exc:
         _fail(str(exc))
     _report_skipped(skipped)
