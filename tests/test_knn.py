@@ -190,3 +190,14 @@ def test_torch_tensors_and_multi_k_match_single_k(clustered: dict[str, np.ndarra
     for k in (5, 20):
         single = knn_classify(d["xtr"], d["ytr"], d["xte"], d["yte"], k=k)
         assert single == {"top1": multi[k]["top1"], "top5": multi[k]["top5"]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_paths_match_cpu(clustered: dict[str, np.ndarray]) -> None:
+    d = clustered
+    ref = knn_search(d["xtr"], d["xte"], 30, precision="fp32", device="cpu")
+    for prec in ("fp32", "bf16"):
+        got = knn_search(d["xtr"], d["xte"], 30, precision=prec, device="cuda", chunk_size=100,
+                         train_chunk_size=1500)
+        np.testing.assert_allclose(got[0].numpy(), ref[0].numpy(), atol=2e-5, err_msg=prec)
+        assert (got[1] == ref[1]).float().mean() > 0.999, prec
