@@ -23,6 +23,7 @@ first), classes with equal score by class index (smaller first). Top-5 uses ``mi
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -90,10 +91,19 @@ def _resolve_precision(precision: Precision, device: torch.device, n_train: int,
         return "fp32"
     if device.type == "cuda":
         return "bf16"
+    return "bf16" if _native_cpu_bf16() else "fp32"
+
+
+@functools.cache
+def _native_cpu_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates bf16 and the fp32 search is faster."""
     try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):
-        return "fp32"
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: play safe with the exact fp32 search
+        return False
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.backends.mkldnn.is_available())
 
 
 # ------------------------------------------------------------------------------------------ ordering
