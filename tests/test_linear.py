@@ -137,3 +137,25 @@ def test_linear_probe_fast_and_official_on_fashion_mnist(tiny_vit: torch.nn.Modu
     rows, skipped = classify(tiny_vit, fast.head, images, topk=3, num_workers=0)
     assert len(rows) == 5 and not skipped
     assert all(r["label"] in fast.head.classes and len(r["topk"]) == 3 for r in rows)
+
+
+def test_head_from_official_linear_weights(tmp_path) -> None:
+    from dinokit.eval.linear import head_from_official
+
+    torch.manual_seed(0)
+    d, c = 6, 4
+    official = torch.nn.Linear(2 * d, c)
+    # Official layout: DDP prefix, inside "state_dict", with optimizer / epoch entries beside it.
+    ckpt = {"epoch": 100, "best_acc": 78.2,
+            "state_dict": {f"module.{k}": v for k, v in official.state_dict().items()}}
+    path = tmp_path / "dino_vitbase16_linearweights.pth"
+    torch.save(ckpt, path)
+    head = head_from_official(path, features="cls+avgpool")
+    cls, avg = torch.randn(3, d), torch.randn(3, d)
+    interleaved = torch.stack([cls, avg], dim=-1).reshape(3, -1)  # the official feature order
+    torch.testing.assert_close(head(torch.cat([cls, avg], dim=1)), official(interleaved))
+    last4 = head_from_official(ckpt, features="last4")
+    x = torch.randn(3, 2 * d)
+    torch.testing.assert_close(last4(x), official(x))
+    with pytest.raises(ValueError, match=r"linear\.weight"):
+        head_from_official({"state_dict": {"fc.weight": torch.zeros(1)}})

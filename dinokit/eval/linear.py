@@ -118,6 +118,40 @@ class LinearHead(nn.Module):
         return head.eval()
 
 
+def head_from_official(checkpoint: str | os.PathLike[str] | dict[str, Any], features: str = "last4",
+                       classes: Sequence[str] | None = None) -> LinearHead:
+    """A :class:`LinearHead` from DINO's published linear weights (``*_linearweights.pth``).
+
+    The official file holds ``{"state_dict": {"module.linear.weight", "module.linear.bias"}, ...}``.
+    With ``features="cls+avgpool"`` the official code interleaves the features (cls_0, avg_0, cls_1,
+    avg_1, ...) while dinokit concatenates them (cls..., avg...), so the weight columns are
+    reordered to match dinokit's order.
+    """
+    if isinstance(checkpoint, dict):
+        obj, source = checkpoint, "checkpoint"
+    else:
+        source = str(checkpoint)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such file")
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle that needs unknown classes, or not a torch file
+            raise ValueError(f"{source}: not a readable linear-weights file ({type(e).__name__}: {e})") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{source}: no state_dict in the file")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "linear.weight" not in sd or "linear.bias" not in sd:
+        raise ValueError(f"{source}: expected linear.weight and linear.bias, found {sorted(sd)[:6]}")
+    weight, bias = sd["linear.weight"].float(), sd["linear.bias"].float()
+    if features == "cls+avgpool":
+        weight = torch.cat([weight[:, 0::2], weight[:, 1::2]], dim=1)
+    head = LinearHead(weight.shape[1], weight.shape[0], classes, features, {"source": source})
+    head.linear.weight.data.copy_(weight)
+    head.linear.bias.data.copy_(bias)
+    return head.eval()
+
+
 def default_features(model: nn.Module) -> str:
     """The official linear-eval features: ViT-B (and wider) "cls+avgpool", smaller ViTs "last4"
     (fewer when the model has fewer blocks), CNNs "cls"."""
