@@ -147,7 +147,7 @@ def test_head_from_official_linear_weights(tmp_path) -> None:
     official = torch.nn.Linear(2 * d, c)
     # Official layout: DDP prefix, inside "state_dict", with optimizer / epoch entries beside it.
     ckpt = {"epoch": 100, "best_acc": 78.2,
-            "state_dict": {f"module.{k}": v for k, v in official.state_dict().items()}}
+            "state_dict": {f"module.linear.{k}": v for k, v in official.state_dict().items()}}
     path = tmp_path / "dino_vitbase16_linearweights.pth"
     torch.save(ckpt, path)
     head = head_from_official(path, features="cls+avgpool")
