@@ -9,7 +9,8 @@ Modes:
 - ``official``: per-image PIL multi-crop (the official transform chain), fp32, the official loss
   (python loop over view pairs), per-parameter clipping with ``.item()``, per-parameter EMA.
 - ``dinokit-fp32`` / ``dinokit-bf16``: batched tensor multi-crop, the dinokit training step
-  (foreach clip/EMA, fused loss), fp32 or bf16 autocast.
+  (foreach clip/EMA, fused loss), fp32 or bf16 autocast; with bf16 on CPU the loop's default of
+  plain-matmul attention instead of timm's fused kernel (whose CPU backward is slow in bf16).
 
 Each (config, mode) runs in its own subprocess (so the peak RSS is its own), with warm-up
 iterations excluded; modes are interleaved over ``--rounds`` rounds so machine-load drift hits all
@@ -67,7 +68,7 @@ def worker(config: str, mode: str, iters: int, threads: int) -> dict[str, Any]:
     from dinokit.data.multicrop import MultiCropSpec, PILMultiCrop, TensorMultiCrop
     from dinokit.train.config import TrainConfig
     from dinokit.train.ema import ema_update_
-    from dinokit.train.loop import _autocast, build_models
+    from dinokit.train.loop import _autocast, build_models, set_fused_attention, use_fused_attention
     from dinokit.train.loss import DINOLoss
     from dinokit.train.optim import (
         build_optimizer,
@@ -114,6 +115,10 @@ def worker(config: str, mode: str, iters: int, threads: int) -> dict[str, Any]:
     # ---- model steps
     precision = "bf16" if mode == "dinokit-bf16" else "fp32"
     dev = torch.device("cpu")
+    if mode != "official":  # the loop's attention choice (plain matmuls for bf16 on CPU)
+        fused = use_fused_attention(cfg, dev, precision)
+        set_fused_attention(student, fused)
+        set_fused_attention(teacher, fused)
     step_times = []
     for i, crops in enumerate(batches):
         t0 = time.perf_counter()

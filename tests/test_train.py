@@ -118,6 +118,9 @@ def test_resume_after_a_kill_and_after_a_limit_equals_an_uninterrupted_run(tmp_p
         assert got["iteration"] == ref["iterations"] == 18
         assert _states_equal(got["teacher"], want["teacher"]) and _states_equal(got["student"], want["student"])
         assert torch.equal(got["dino_loss"]["center"], want["dino_loss"]["center"])
+    # a new run never overwrites an old one
+    with pytest.raises(ValueError, match="already holds a run"):
+        dinokit.train(cfg, tmp_path / "ref")
     # a resume with a different recipe is refused, naming the key
     with pytest.raises(ValueError, match=r"optim\.lr"):
         dinokit.train(cfg.replace({"optim.lr": 0.1}), tmp_path / "ref", resume=True)
@@ -167,3 +170,41 @@ def test_cli_train_runs_a_recipe_and_names_bad_keys(tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout[res.stdout.index("{"):])["iterations"] == 2
+
+
+def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) -> None:
+    from dinokit.train.loop import choose_precision
+
+    cfg = _cfg(data__source="fashion-mnist#32", optim__epochs=1, max_iterations=1)
+    torch.manual_seed(123)
+    donor, _ = build_models(cfg)
+    dinokit.save(donor.backbone.eval(), tmp_path / "bb")
+    dinokit.train(cfg, tmp_path / "run", init=str(tmp_path / "bb"))
+    # before the first step the teacher equals the donor: after one EMA step with m = 0.996 it is
+    # 0.996 * donor + 0.004 * updated student, so it stays within 0.4% of the step size of the donor
+    got = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["teacher"]
+    ref = donor.backbone.state_dict()
+    w = "backbone.blocks.1.mlp.fc1.weight"
+    assert torch.allclose(got[w], ref[w[len("backbone."):]], atol=1e-5)
+    assert not torch.allclose(got[w], build_models(cfg)[0].state_dict()[w], atol=1e-3)
+    # precision: auto measures on CPU and picks fp32 or bf16; fp16 without CUDA is refused
+    student, teacher = build_models(cfg)
+    crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
+    assert choose_precision(cfg.replace({"precision": "auto"}), torch.device("cpu"), student, teacher, crops) in (
+        "fp32", "bf16")
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        choose_precision(cfg.replace({"precision": "fp16"}), torch.device("cpu"), student, teacher, crops)
+
+
+def test_attention_switch_keeps_the_numbers(tiny_vit: torch.nn.Module) -> None:
+    from dinokit.train.loop import set_fused_attention, use_fused_attention
+
+    cpu = torch.device("cpu")
+    assert use_fused_attention(TrainConfig(), cpu, "bf16") is False
+    assert use_fused_attention(TrainConfig(), cpu, "fp32") is None
+    assert use_fused_attention(TrainConfig().replace({"model.fused_attn": True}), cpu, "bf16") is True
+    x = torch.randn(2, 3, 32, 32)
+    set_fused_attention(tiny_vit, True)
+    ref = tiny_vit(x)
+    assert set_fused_attention(tiny_vit, False) == 2  # depth 2: one attention layer per block
+    assert torch.allclose(tiny_vit(x), ref, atol=1e-5)

@@ -116,10 +116,33 @@ def _autocast(device: torch.device, precision: str) -> AbstractContextManager[An
     return torch.autocast(device.type, dtype=dtype)
 
 
+def use_fused_attention(cfg: TrainConfig, device: torch.device, precision: str) -> bool | None:
+    """The fused-attention setting for timm attention layers (None: leave timm's default)."""
+    if cfg.model.fused_attn is not None:
+        return cfg.model.fused_attn
+    if device.type == "cpu" and precision == "bf16":
+        return False
+    return None
+
+
+def set_fused_attention(model: nn.Module, enabled: bool | None) -> int:
+    """Set ``fused_attn`` on every timm attention layer of ``model``; returns how many were set."""
+    if enabled is None:
+        return 0
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = bool(enabled)
+            n += 1
+    return n
+
+
 def _step_time(student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor], device: torch.device,
-               precision: str, reps: int = 2) -> float:
+               precision: str, fused: bool | None = None, reps: int = 2) -> float:
     """Seconds per forward+backward of copies of the networks (the real ones are not touched)."""
     s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+    set_fused_attention(s, fused)
+    set_fused_attention(t, fused)
     best = math.inf
     for r in range(reps + 1):
         t0 = time.perf_counter()
@@ -147,8 +170,8 @@ def choose_precision(cfg: TrainConfig, device: torch.device, student: nn.Module,
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type != "cpu":
         return "fp32"
-    t32 = _step_time(student, teacher, crops, device, "fp32")
-    t16 = _step_time(student, teacher, crops, device, "bf16")
+    t32 = _step_time(student, teacher, crops, device, "fp32", use_fused_attention(cfg, device, "fp32"))
+    t16 = _step_time(student, teacher, crops, device, "bf16", use_fused_attention(cfg, device, "bf16"))
     choice = "bf16" if t16 < 0.95 * t32 else "fp32"
     log.info("precision auto: fp32 %.3f s/step, bf16 %.3f s/step -> %s", t32, t16, choice)
     return choice
@@ -341,6 +364,9 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
         _check_resume_compatible(TrainConfig.from_json(state["config"]), cfg, ckpt_path)
     elif resume:
         log.warning("%s: no checkpoint to resume from; starting a new run", ckpt_path)
+    elif ckpt_path.is_file():
+        raise ValueError(f"{ckpt_path}: the run folder already holds a run; continue it with resume=True "
+                         "(--resume) or choose another output folder")
 
     torch.manual_seed(cfg.seed)
     student, teacher = build_models(cfg)
@@ -385,6 +411,9 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
     if state is None:
         precision = choose_precision(cfg, device, student_m, teacher_m, first) if first is not None else "fp32"
         precision = str(distributed.broadcast_object(precision))
+    fused = use_fused_attention(cfg, device, precision)
+    if set_fused_attention(student_m, fused) + set_fused_attention(teacher_m, fused):
+        log.info("timm fused attention %s", "on" if fused else "off")
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if scaler is not None and state is not None and state.get("fp16_scaler"):
         scaler.load_state_dict(state["fp16_scaler"])
@@ -538,7 +567,10 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
 def _run_knn(monitor: KNNMonitor, teacher: MultiCropWrapper, precision: str, epoch: int, it: int, elapsed: float,
              run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = monitor(teacher.backbone, precision)
+    # eval batches have other shapes than training ones: run the compiled backbone eagerly, no recompiles
+    eager = torch.compiler.set_stance("force_eager") if monitor.cfg.compile else nullcontext()
+    with eager:
+        res = monitor(teacher.backbone, precision)
     rec = {"epoch": epoch, "iteration": it, **res, "time_s": elapsed, "eval_time_s": time.perf_counter() - t0}
     _append_jsonl(run_dir / "log_knn.jsonl", rec)
     log.info("k-NN after epoch %d: top1 %.2f top5 %.2f", epoch, res["top1"], res["top5"])
