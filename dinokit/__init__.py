@@ -8,6 +8,8 @@ until they are needed.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -53,6 +55,26 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+# Two public functions share their name with the submodule that defines them (``dinokit.embed`` in
+# embed.py, ``dinokit.train`` in train/). Importing such a submodule makes the import system set it
+# as an attribute of this package, which would replace the function: ``dinokit.embed(model, x)``
+# would then fail with "'module' object is not callable" depending on import order. The package
+# therefore refuses to let those submodules shadow the functions. Reach the submodules with
+# ``from dinokit.embed import Embeddings`` or ``from dinokit.train import loop`` (these read
+# sys.modules); ``import dinokit.embed as m`` would bind the function, so do not use that form.
+_FUNCTION_NAMES = frozenset({"embed", "train"})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTION_NAMES and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable through sys.modules and "from ... import"
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

@@ -202,8 +202,8 @@ def train_cmd(
         TimeRemainingColumn,
     )
 
-    import dinokit.train.loop as loop
     from dinokit import distributed
+    from dinokit.train import loop
 
     bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def test_knn_eval_matches_the_api_and_reuses_the_cache(tiny_folder, data_with_co
     def no_embed(*a, **k):
         raise AssertionError("embed called although the features are cached")
 
-    monkeypatch.setattr("dinokit.embed.embed", no_embed)
+    monkeypatch.setattr(importlib.import_module("dinokit.embed"), "embed", no_embed)
     code, stdout, stderr = _run(["knn-eval", "--model", str(folder), "--train", str(d["train"]), "--val",
                                  str(d["val"]), "--k", "10", "--json", str(tmp_path / "b.json"), "--workers", "0"])
     assert code == 0, stderr
@@ -105,7 +106,7 @@ def test_cache_key_follows_data_and_model(tiny_folder, fmnist_root, monkeypatch)
     data = resolve_labeled(f"fashion-mnist:{fmnist_root}#40")
     x1, y1, _ = embed_labeled(model, data, num_workers=0)
     calls = []
-    import dinokit.embed as embed_mod
+    embed_mod = importlib.import_module("dinokit.embed")
 
     orig = embed_mod.embed
 
