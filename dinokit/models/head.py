@@ -49,7 +49,7 @@ class DINOHead(nn.Module):
             g.fill_(1.0)
         # norm_last_layer: g stays 1, so every prototype is a unit vector.
         g.requires_grad_(not norm_last_layer)
-        self._register_state_dict_hook(_to_official_keys)
+        self.register_state_dict_post_hook(_to_official_keys)
         self.register_load_state_dict_pre_hook(_from_official_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
