@@ -174,7 +174,14 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint.pth."),
     init: str = typer.Option(None, "--init", help="Start from a full checkpoint (heads included) or any dinokit.load source."),
 ) -> None:
-    """Train a DINO model (multi-crop, EMA teacher, centering + sharpening); torchrun for several GPUs."""
+    """Train a DINO model (multi-crop, EMA teacher, centering + sharpening); torchrun for several GPUs.
+
+    The run folder gets config.json (the resolved recipe), checkpoint.pth (atomic, every checkpoint_every epochs and at the end), log_iter.jsonl, log_epoch.jsonl, log_knn.jsonl and summary.json, also printed as JSON at the end. A misspelled key is an error naming it.
+
+    Example: dinokit train recipes/fashion_mnist_cpu.yaml --set max_minutes=5 --out runs/fmnist
+
+    Several GPUs: torchrun --nproc_per_node 8 -m dinokit.cli train recipes/dino_vits16_in1k.yaml --out runs/v
+    """
     from dinokit.train.config import ConfigError, load_config
 
     if recipe is None and not resume:
