@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinokit.data.multicrop import MultiCropSpec
 
 
 class ConfigError(ValueError):
@@ -44,28 +43,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where images come from and the multi-crop augmentation (official probabilities by default)."""
+class DataConfig(MultiCropSpec):
+    """Where images come from, plus every multi-crop setting of :class:`MultiCropSpec`.
+
+    The augmentation fields (crop sizes and scales, flip, jitter, grayscale, blur, solarize, mean/std,
+    official defaults) are inherited so they are defined once; the recipe keys stay flat under data.
+    """
 
     source: str = ""  # image folder (class subfolders or flat) or fashion-mnist[:PATH][@split][#N]
     limit: int | None = None  # use only the first N images (sorted order)
-    global_crops_size: int = 224
-    local_crops_size: int = 96
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 8
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    flip_prob: float = 0.5
-    color_jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global view 1, global view 2, local views
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_prob: float = 0.2  # global view 2 only
     # auto: batched on tensors for in-memory data (Fashion-MNIST), PIL in DataLoader workers for folders
     augment: Literal["auto", "pil", "tensor"] = "auto"
     num_workers: int = 2
