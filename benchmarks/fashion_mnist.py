@@ -245,8 +245,8 @@ def main() -> None:
     info = {"recipe": os.path.relpath(args.recipe, REPO), "arch": cfg.model.arch, "hardware": hw,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command.strip(),
             "png": os.path.relpath(args.png, REPO)}
-    title = f"{info['recipe']}: k-NN vs training minutes ({hw})"
-    plot_curve(points, Path(args.png), title[:110])
+    title = f"{info['recipe']}: k-NN vs training minutes\n{hw}"
+    plot_curve(points, Path(args.png), title)
     from dinokit.train.plot import plot_run
 
     try:
