@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dinokit._io import atomic_path
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
@@ -240,9 +242,8 @@ def mask_image(mask: np.ndarray) -> Image.Image:
 
 
 def _atomic_save(img: Image.Image, path: Path, **kw: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"), **kw)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"), **kw)
 
 
 def save_attention(maps: AttentionMaps, out_dir: str | os.PathLike[str], cmap: str = "viridis") -> list[Path]:
@@ -295,9 +296,7 @@ def frames_gif(model: nn.Module, frames: str | os.PathLike[str] | Sequence[str |
         if progress is not None:
             progress(i + 1, len(paths))
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=max(1, round(1000 / fps)), loop=0)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
+                         duration=max(1, round(1000 / fps)), loop=0)
     return out

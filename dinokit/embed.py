@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dinokit._io import atomic_path
 from dinokit.data.images import (
     Batch,
     ImageDataset,
@@ -122,8 +123,7 @@ class Embeddings:
         path.parent.mkdir(parents=True, exist_ok=True)
         feats = self.features.detach().to("cpu", torch.float32).contiguous()
         info = json.dumps(self.info, default=str)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             if suffix == ".safetensors":
                 from safetensors.torch import save_file
 
@@ -136,9 +136,6 @@ class Embeddings:
                     else:
                         np.savez(f, features=feats.numpy(), paths=np.asarray(self.paths, dtype=str),
                                  info=np.asarray(info))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
 

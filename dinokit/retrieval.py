@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from dinokit._io import atomic_path
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -828,8 +830,6 @@ def contact_sheet(result: SearchResult, queries: Sequence[Any], out_path: str | 
             src = index.resolve(p) if index is not None else Path(p)
             put(tile(src), j + 1, i, f"{j + 1}. {result.scores[i, j]:.3f}", "black")
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return out

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit._io import atomic_path
 from dinokit.eval.knn import _metrics, rank_classes
 
 logger = logging.getLogger(__name__)
@@ -86,12 +87,8 @@ class LinearHead(nn.Module):
                    "bias": self.linear.bias.detach().cpu().contiguous()}
         meta = {"format": "pt", "dinokit": "linear-head", "classes": json.dumps(self.classes),
                 "features": self.features, "info": json.dumps(self.info, default=str)}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from dinokit._io import atomic_path
+
 
 def _figure(width: float, height: float) -> Any:
     import matplotlib
@@ -23,14 +25,11 @@ def _save(fig: Any, path: Path) -> Path:
     """Write the PNG atomically (temp file in the same folder, then rename) and close the figure."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dinokit import distributed
+from dinokit._io import atomic_path
 from dinokit.models.head import DINOHead, MultiCropWrapper
 from dinokit.train import checkpoint as ckpt_io
 from dinokit.train.config import TrainConfig, load_config, require_source
@@ -323,9 +324,8 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from dinokit._io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +128,5 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, x: str = "it
 
 def save_figure(fig: Any, out: str | Path) -> None:
     """Save a matplotlib figure as PNG atomically (temp file in the same folder, then os.replace)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
