@@ -847,7 +847,12 @@ def export_cmd(
     name: str | None = typer.Option(None, "--name", help="Model name on the card [default: folder name]."),
     hardware: str | None = typer.Option(None, "--hardware", help="What the run trained on, for the card."),
 ) -> None:
-    """Export a run's backbone as a timm-compatible folder with a model card (recipe, data, time, k-NN)."""
+    """Export a run's backbone as a timm-compatible folder with a model card (recipe, data, time, k-NN).
+
+    The folder (config.json + model.safetensors + README.md) loads with dinokit.load(FOLDER) and timm.create_model("local-dir:FOLDER", pretrained=True), and `dinokit push` uploads it.
+
+    Example: dinokit export runs/fmnist --out fmnist-dino/ --which teacher
+    """
     from dinokit.hub import CheckpointError
     from dinokit.publish import export
 
@@ -871,7 +876,12 @@ def push_cmd(
     token: str | None = typer.Option(None, "--token", help="Hub token; default HF_TOKEN or the saved login."),
     message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
 ) -> None:
-    """Upload an exported model folder to the Hugging Face Hub and print the commit URL."""
+    """Upload an exported model folder to the Hugging Face Hub and print the commit URL.
+
+    The repo is created when missing (private with --private). Without a token or a network this is a one-line error.
+
+    Example: dinokit push fmnist-dino/ --repo-id me/fmnist-dino --private
+    """
     from dinokit.publish import PushError, push
 
     try:
@@ -887,7 +897,12 @@ def plot_cmd(
     out_png: Path | None = typer.Option(None, "--out", "-o", help="PNG to write [default: RUN_DIR/curves.png]."),
     x: str = typer.Option("iteration", "--x", help="x axis: iteration or minutes."),
 ) -> None:
-    """Draw loss, learning rate, teacher temperature and k-NN curves of a run to PNG."""
+    """Draw loss, learning rate, teacher temperature and k-NN curves of a run to PNG.
+
+    Reads RUN_DIR/log_iter.jsonl and log_knn.jsonl (after a resume the last record of each iteration wins).
+
+    Example: dinokit plot runs/fmnist --out curves.png --x minutes
+    """
     from dinokit.train.plot import plot_run
 
     try:
