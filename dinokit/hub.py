@@ -328,6 +328,9 @@ def model_card(config: Mapping[str, Any], *, name: str, metrics: Mapping[str, fl
         } for key, value in metrics.items()]}]
     pcfg = config.get("pretrained_cfg", {})
     size = pcfg.get("input_size", [3, 224, 224])
+    is_vit = str(config.get("architecture", "")).startswith(("vit", "deit", "eva"))
+    size_note = ("any size works: position embeddings are interpolated" if is_vit
+                 else "any size works: convolutions and global pooling")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
         f"# {name}", "",
@@ -346,7 +349,7 @@ def model_card(config: Mapping[str, Any], *, name: str, metrics: Mapping[str, fl
         "| | |", "|---|---|",
         f"| architecture | `{config.get('architecture')}` |",
         f"| features | {config.get('num_features')} |",
-        f"| input size | {size[-2]}x{size[-1]} (any size works: position embeddings are interpolated) |",
+        f"| input size | {size[-2]}x{size[-1]} ({size_note}) |",
         f"| preprocessing | resize {pcfg.get('interpolation', 'bicubic')} with crop_pct "
         f"{pcfg.get('crop_pct')}, center crop, mean {pcfg.get('mean')}, std {pcfg.get('std')} |",
         f"| fingerprint | `{config.get('dinokit', {}).get('fingerprint')}` |",
