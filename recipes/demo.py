@@ -80,8 +80,9 @@ def main() -> None:
     res = dinokit("index", "search", out / "index", *queries, "-k", "8", "--json", "--sheet", out / "search.png")
     (out / "search.json").write_text(res.stdout)
 
+    # a schedule longer than the budget: max_minutes ends the run (with a checkpoint) on time
     overrides = {"data.source": train, "knn.train_source": train, "knn.val_source": val,
-                 "max_minutes": a.train_minutes, "knn.every_epochs": 0}
+                 "max_minutes": a.train_minutes, "optim.epochs": 100, "knn.every_epochs": 10}
     if a.quick:
         overrides.update({"max_iterations": 2, "optim.batch_size_per_gpu": 16, "precision": "fp32"})
     sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
@@ -107,16 +108,24 @@ def main() -> None:
 
     knn = json.loads((out / "knn.json").read_text())
     linear = json.loads((out / "linear" / "metrics.json").read_text())
+    run = json.loads((out / "run" / "summary.json").read_text())
     summary = {
-        "knn": knn, "linear": linear, "timm_reload_max_abs_diff": diff,
+        "knn": knn, "linear": linear, "train": run, "timm_reload_max_abs_diff": diff,
         "minutes": round((time.time() - t0) / 60, 2),
-        "pictures": sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))[:20],
+        "pictures": sorted(str(p.relative_to(out)) for p in out.rglob("*.png") if "data" not in p.parts),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\ndemo finished in {summary['minutes']} min; outputs in {out}")
-    print(json.dumps({"knn": knn, "linear": linear}, default=str)[:2000])
-    print("pictures: search.png, attention/, knn confusion matrix; summary: summary.json")
-
+    top1 = {k: round(v["top1"], 1) for k, v in knn["results"].items()}
+    print(f"\ndemo finished in {summary['minutes']} min; everything is in {out}/")
+    print(f"  k-NN top-1 (shipped model, {knn['num_train']} train / {knn['num_val']} val PNGs): "
+          + ", ".join(f"k={k}: {v}%" for k, v in top1.items()))
+    print(f"  linear probe (--fast) top-1: {linear['top1']:.1f}%")
+    run_knn = (run.get("knn") or {}).get("top1")
+    print(f"  training: {run['iterations']} iterations in {run['train_time_s'] / 60:.1f} min at "
+          f"{run['images_per_s']:.0f} img/s" + (f", k-NN monitor {run_knn:.1f}%" if run_knn is not None else ""))
+    print(f"  export reloads in timm with the same features (max abs diff {diff:.1e})")
+    print("  pictures: search.png (contact sheet), knn.confusion.png, knn.per_class.png, linear/*.png, "
+          "run/curves.png, attention/<image>/overlay.png (and per-head maps and masks)")
 
 if __name__ == "__main__":
     main()
