@@ -5,6 +5,7 @@ Everything is seeded and small so the whole suite runs in minutes on 2 CPU cores
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,15 @@ def make_tiny_vit(seed: int = 0, img_size: int = 32, patch_size: int = 8, depth:
         img_size=img_size, patch_size=patch_size, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
     )
     return model.eval()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one torch thread: for tiny tensors thread hand-offs cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,7 @@ from dinokit.eval.cache import embed_labeled
 from dinokit.eval.knn import knn_classify_multi
 from dinokit.models.backbone import create_backbone
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: on the shared 2-core machine, thread hand-offs cost more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

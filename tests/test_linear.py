@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,14 +21,7 @@ from dinokit.eval.linear import (
     linear_probe,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: on the shared 2-core machine, thread hand-offs cost more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n: int, c: int, d: int, seed: int, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
