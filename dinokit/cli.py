@@ -45,6 +45,16 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _progress(description: str) -> Any:
+    """A transient rich progress bar on stderr and the ``progress(done, total)`` callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True)
+    task = bar.add_task(description, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages to stderr.")) -> None:
     logging.basicConfig(
@@ -54,16 +64,6 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 
 # ---------------------------------------------------------------- foundation: models, convert, embed
-
-
-def _foundation_progress(description: str) -> Any:
-    """A transient rich progress bar on stderr and the ``progress(done, total)`` callback for it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
-    task = bar.add_task(description, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @app.command("models")
@@ -144,7 +144,7 @@ def embed_cmd(
         net = load(model)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    bar, update = _foundation_progress("embedding")
+    bar, update = _progress("embedding")
     try:
         with bar:
             result = embed(net, images, batch_size=batch_size, device=device, num_workers=workers,
@@ -243,16 +243,6 @@ def _nullctx() -> Any:
 # ---------------------------------------------------------------- evaluation: knn-eval, linear-eval, classify
 
 
-def _eval_progress(description: str) -> Any:
-    """A transient rich progress bar on stderr and its ``progress(done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
-    task = bar.add_task(description, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total, description=description)
-
-
 _DATA_HELP = ("class-subfolder image folder (DIR/<class>/<image>) or fashion-mnist[:PATH][@train|@test][#N] "
               "(#N keeps the first N images)")
 
@@ -348,10 +338,10 @@ def knn_eval_cmd(
     kw = dict(features=features, batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
               use_cache=not no_cache)
     try:
-        bar, update = _eval_progress("embedding train")
+        bar, update = _progress("embedding train")
         with bar:
             xtr, ytr, sk_tr = embed_labeled(net, tr, progress=update, **kw)
-        bar, update = _eval_progress("embedding val")
+        bar, update = _progress("embedding val")
         with bar:
             xva, yva, sk_va = embed_labeled(net, va, progress=update, **kw)
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -441,7 +431,7 @@ def linear_eval_cmd(
     from dinokit.eval.linear import linear_probe
 
     net, tr, va = _load_eval_data(model, train, val)
-    bar, update = _eval_progress("linear probe")
+    bar, update = _progress("linear probe")
     try:
         with bar:
             res = linear_probe(net, tr, va, fast=fast, features=features, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -530,20 +520,6 @@ _KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW up to 250k, else IV
               "see dinokit.retrieval.choose_kind), flat (exact), hnsw, ivfpq.")
 
 
-def _retrieval_progress(description: str) -> Any:
-    """A rich progress bar on stderr and a ``progress(done, total)`` callback driving it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
-    task = bar.add_task(description, total=None)
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    return bar, update
-
-
 def _parse_knobs(knobs: list[str] | None) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for item in knobs or []:
@@ -620,7 +596,7 @@ def index_build_cmd(
         net = load(model)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    bar, update = _retrieval_progress("embedding")
+    bar, update = _progress("embedding")
     try:
         with bar:
             index = Index.build(folder, model=net, kind=kind, batch_size=batch_size, device=device,
@@ -656,7 +632,7 @@ def index_add_cmd(
     added = 0
     try:
         for item in items:
-            bar, update = _retrieval_progress(f"embedding {item}")
+            bar, update = _progress(f"embedding {item}")
             with bar:
                 added += index.add(item if item.is_dir() else [item], model=net, batch_size=batch_size,
                                    device=device, num_workers=workers, progress=update)
@@ -817,14 +793,14 @@ def attention_cmd(
 
     try:
         if files:
-            bar, update = _retrieval_progress("attention maps")
+            bar, update = _progress("attention maps")
             with bar:
                 for i, f in enumerate(files):
                     maps = attention_maps(net, f, image_size=image_size, threshold=threshold)
                     save_attention(maps, out_dir / unique(f.stem))
                     update(i + 1, len(files))
         for folder in folders:
-            bar, update = _retrieval_progress(f"frames of {folder}")
+            bar, update = _progress(f"frames of {folder}")
             with bar:
                 gif = frames_gif(net, folder, out_dir / f"{unique(folder.resolve().name)}.gif",
                                  image_size=image_size, head=head, fps=fps, progress=update)
