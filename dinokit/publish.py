@@ -180,16 +180,11 @@ def _read_json_file(path: Path) -> dict[str, Any]:
 
 def _knn_record(path: Path, iteration: int) -> dict[str, Any] | None:
     """The log's k-NN record at ``iteration`` (else the last one before it); None without any."""
+    from dinokit.train.plot import read_log  # the one JSON-lines reader (torn last line, resume duplicates)
+
     if not path.is_file():
         return None
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-        if isinstance(rec, dict) and "top1" in rec and int(rec.get("iteration", 0)) <= iteration:
-            records.append(rec)
+    records = [r for r in read_log(path) if "top1" in r and int(r.get("iteration", 0)) <= iteration]
     return records[-1] if records else None
 
 
