@@ -15,6 +15,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from dinokit._io import write_json
+
 app = typer.Typer(
     name="dinokit",
     help="DINO self-supervised vision models: train, publish, embed, evaluate, search, attention maps.",
@@ -38,11 +40,6 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _progress(description: str) -> Any:
@@ -390,7 +387,7 @@ def knn_eval_cmd(
             "skipped": [list(s) for s in skipped],
             "seconds": {"embedding": t1 - t0, "knn": t2 - t1},
         }
-        _write_json(json_out, data)
+        write_json(json_out, data)
         kp = 20 if 20 in ks else ks[0]
         pics = _eval_pictures(f"{json_out.with_suffix('')}.", res[kp]["confusion"], res[kp]["per_class"], tr.classes,
                               res[kp]["top1"], f"k-NN k={kp}")
@@ -442,7 +439,7 @@ def linear_eval_cmd(
     _report_skipped([tuple(s) for s in res.settings.get("skipped", [])])
     head_path = res.head.save(out_dir / "head.safetensors")
     metrics = {"model": model, "train": train, "val": val, **res.metrics()}
-    _write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     _eval_pictures(f"{out_dir}/", res.confusion, res.per_class, res.head.classes, res.top1,
                    "linear probe")
     s = res.settings

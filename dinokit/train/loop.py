@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dinokit import distributed
-from dinokit._io import atomic_path
+from dinokit._io import write_json
 from dinokit.models.head import DINOHead, MultiCropWrapper
 from dinokit.train import checkpoint as ckpt_io
 from dinokit.train.config import TrainConfig, load_config, require_source
@@ -323,11 +323,6 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
           resume: bool = False, init: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Train a DINO model; write checkpoints and JSON-lines logs to ``out_dir``; return the summary.
@@ -559,7 +554,7 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
         "knn": knn_last,
     }
     if main:
-        _write_json_atomic(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
     distributed.barrier()
     return summary
 
