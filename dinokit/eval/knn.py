@@ -42,7 +42,10 @@ Precision = Literal["auto", "fp32", "bf16"]
 Progress = Callable[[int, int], None]
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
-_CHUNK_BYTES = 128 * 2**20  # similarity block budget per test chunk
+# Similarity block budget per test chunk (~2000 test rows against 60k train rows in bf16). One buffer
+# is reused by every chunk (matmul out=): a fresh 100+ MB block per chunk cost 25-40% of the bf16
+# matmul time on the 2-core CPU (benchmarks/RESULTS.md).
+_CHUNK_BYTES = 256 * 2**20
 _TRAIN_CHUNK_ROWS = 1 << 18  # train rows normalized and searched at once
 _GROUP = 16  # group size of the two-level candidate selection
 _BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -147,8 +150,9 @@ def _exact_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 # ------------------------------------------------------------------------------------------ search
 
 
-def _group_candidates(approx: torch.Tensor, k: int, group: int = _GROUP) -> torch.Tensor:
-    """Column indices (Q, k) of the ``k`` largest entries of each row of ``approx`` (Q, N), ties arbitrary.
+def _group_candidates(approx: torch.Tensor, k: int, group: int = _GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and column indices (Q, k) of the ``k`` largest entries of each row of ``approx`` (Q, N),
+    unsorted, ties arbitrary.
 
     Two-level selection: split the columns into N / group groups; the top-k elements lie in the k
     groups with the largest maxima, so a topk over the group maxima and then over the k * group
@@ -159,12 +163,14 @@ def _group_candidates(approx: torch.Tensor, k: int, group: int = _GROUP) -> torc
     q, n = approx.shape
     width = n // group
     if width <= 2 * k:
-        return approx.topk(k, dim=1, sorted=False).indices
+        top = approx.topk(k, dim=1, sorted=False)
+        return top.values, top.indices
     slabs = approx.view(q, group, width)
     top_groups = slabs.amax(dim=1).topk(k, dim=1, sorted=False).indices  # (Q, k)
     vals = slabs.gather(2, top_groups.unsqueeze(1).expand(q, group, k))  # (Q, group, k)
-    sel = vals.view(q, -1).topk(k, dim=1, sorted=False).indices  # into group * k
-    return (sel // k) * width + top_groups.gather(1, sel % k)
+    top = vals.view(q, -1).topk(k, dim=1, sorted=False)  # into group * k
+    sel = top.indices
+    return top.values, (sel // k) * width + top_groups.gather(1, sel % k)
 
 
 def _pair_dots(test: torch.Tensor, train: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -264,23 +270,27 @@ def knn_search(
     done = 0
     for t0 in range(0, n_train, tc):
         train = _rows(train_features, t0, t0 + tc, dev)
-        if prec == "bf16":
+        if prec == "bf16" and train.shape[0] > kk:
             pad = (-train.shape[0]) % _GROUP
             train_b = F.pad(train, (0, 0, 0, pad)).to(torch.bfloat16)
             train_lo = train - train_b[: train.shape[0]].float()
             bnorm_max = float(train_b.float().norm(dim=1).max())
             res_max = float(train_lo.norm(dim=1).max())
+            buf = torch.empty(qc, train_b.shape[0], dtype=torch.bfloat16, device=dev)
+        else:
+            buf = torch.empty(qc, train.shape[0], device=dev)
         for ci, q0 in enumerate(range(0, n_test, qc)):
             test = test_all[q0:q0 + qc] if test_all is not None else _rows(test_features, q0, q0 + qc, dev)
             if prec == "fp32" or train.shape[0] <= kk:
-                v, i = _exact_topk(test @ train.T, min(k, train.shape[0]))
+                sims = torch.mm(test, train.T, out=buf[: test.shape[0]])
+                v, i = _exact_topk(sims, min(k, train.shape[0]))
             else:
                 test_b = test.to(torch.bfloat16)
-                approx = test_b @ train_b.T  # (B, N + pad) bf16
+                approx = torch.mm(test_b, train_b.T, out=buf[: test.shape[0]])  # (B, N + pad) bf16
                 if pad:
                     approx[:, train.shape[0]:] = -math.inf
-                cols = _group_candidates(approx, kk)
-                a_kk = approx.gather(1, cols).float().amin(dim=1)  # every non-candidate is <= this
+                a_vals, cols = _group_candidates(approx, kk)
+                a_kk = a_vals.float().amin(dim=1)  # every non-candidate is <= this
                 v, i = _sort_desc(_pair_dots(test, train, cols), cols)
                 v, i = v[:, :k], i[:, :k]
                 err = _bf16_error_bound(test, test - test_b.float(), bnorm_max, res_max)
