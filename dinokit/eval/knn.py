@@ -270,7 +270,8 @@ def knn_search(
     done = 0
     for t0 in range(0, n_train, tc):
         train = _rows(train_features, t0, t0 + tc, dev)
-        if prec == "bf16" and train.shape[0] > kk:
+        approx_pass = prec == "bf16" and train.shape[0] > kk  # else an exact fp32 search of the chunk
+        if approx_pass:
             pad = (-train.shape[0]) % _GROUP
             train_b = F.pad(train, (0, 0, 0, pad)).to(torch.bfloat16)
             train_lo = train - train_b[: train.shape[0]].float()
@@ -281,7 +282,7 @@ def knn_search(
             buf = torch.empty(qc, train.shape[0], device=dev)
         for ci, q0 in enumerate(range(0, n_test, qc)):
             test = test_all[q0:q0 + qc] if test_all is not None else _rows(test_features, q0, q0 + qc, dev)
-            if prec == "fp32" or train.shape[0] <= kk:
+            if not approx_pass:
                 sims = torch.mm(test, train.T, out=buf[: test.shape[0]])
                 v, i = _exact_topk(sims, min(k, train.shape[0]))
             else:
