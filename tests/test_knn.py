@@ -201,3 +201,55 @@ def test_cuda_paths_match_cpu(clustered: dict[str, np.ndarray]) -> None:
                          train_chunk_size=1500)
         np.testing.assert_allclose(got[0].numpy(), ref[0].numpy(), atol=2e-5, err_msg=prec)
         assert (got[1] == ref[1]).float().mean() > 0.999, prec
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_fused_cpu_selection_finds_the_top_values(group: int) -> None:
+    from dinokit.eval import _topk_cpu
+
+    if not _topk_cpu.available():
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(3)
+    q, n, kk = 40, 40 * group, 25
+    x = rng.normal(size=(q, n)).astype(np.float32)
+    x[1] = -np.abs(x[1]) - 0.5  # every group all-negative: the raw int16 max would pick the smallest
+    x[2] = np.round(x[2] * 2) / 2  # massive ties at the threshold
+    x[3] = 0.25  # one value everywhere (more ties than the kernel's buffer: torch fallback)
+    x[4, ::7] = -0.0
+    x[5, -5:] = -np.inf  # padding columns
+    x[6] = -np.abs(x[6]) - 1
+    x[6, :40:2], x[6, 1:40:2] = 0.0, -0.0  # the top 25 are zeros of both signs
+    approx = torch.from_numpy(x).to(torch.bfloat16)
+    ok = _topk_cpu.fused_select(approx, kk, group)[2]
+    assert ok.tolist() == [i != 3 for i in range(q)]  # only row 3 needs the torch fallback
+    vals, cols = _topk_cpu.bf16_candidates(approx, kk, group)
+    ref = approx.float().topk(kk, dim=1).values
+    assert torch.equal(vals.float().sort(dim=1).values, ref.sort(dim=1).values)
+    assert torch.equal(approx.gather(1, cols).float(), vals.float())  # values sit at their columns
+    assert all(len(set(r)) == kk for r in cols.tolist())  # no column twice
+
+
+def test_fused_and_torch_selection_give_the_same_search(clustered: dict[str, np.ndarray],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinokit.eval import _topk_cpu
+
+    if not _topk_cpu.available():
+        pytest.skip("numba not installed")
+    d = clustered
+    fused = knn_search(d["xtr"], d["xte"], 40, precision="bf16")
+    monkeypatch.setattr(_topk_cpu, "nb", None)  # what a machine without numba runs
+    plain = knn_search(d["xtr"], d["xte"], 40, precision="bf16")
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+
+
+def test_sort_desc_orders_by_value_then_index() -> None:
+    from dinokit.eval.knn import _sort_desc
+
+    vals = torch.tensor([[0.5, -0.0, 0.5, 0.0, -1.0, 2.0, 0.5, -3e-39]])
+    idx = torch.tensor([[7, 3, 2, 1, 9, 4, 0, 5]])
+    v, i = _sort_desc(vals, idx)
+    # equal values (0.5 x3; -0.0 == 0.0) tie on the smaller index; subnormals keep their order
+    assert i.tolist() == [[4, 0, 2, 7, 1, 3, 5, 9]]
+    assert torch.equal(v, torch.tensor([[2.0, 0.5, 0.5, 0.5, 0.0, 0.0, -3e-39, -1.0]]))
+    big = torch.tensor([[1.0, 1.0]]), torch.tensor([[2**40, 5]])  # indices beyond the packed key
+    assert _sort_desc(*big)[1].tolist() == [[5, 2**40]]

@@ -1,0 +1,144 @@
+"""Fused top-k candidate selection over a bf16 similarity block, compiled with numba (CPU only).
+
+``torch.topk`` of 300 out of 60k columns costs several times the bf16 matmul that produced them on a
+2-core CPU, and the torch two-level selection (group maxima, then a gather) still reads the block three
+times. This kernel reads each row once into per-group maxima (a vectorized ``np.maximum`` over
+contiguous slabs), finds the k-th largest group maximum with a radix select, and scans only the groups
+that reach it. The k-th largest group maximum is a lower bound on the k-th largest element (the k group
+maxima are k distinct elements), so no candidate is missed.
+
+bf16 values are handled as their int16 bit patterns mapped to order-preserving integer keys, so the
+kernel needs no bf16 support from numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:
+    import numba as nb
+except ImportError:  # pragma: no cover - numba is a dependency; without it the torch selection is used
+    nb = None
+
+if nb is not None:
+
+    @nb.njit(inline="always")
+    def to_key(b):  # bf16 bits (int16) -> int in [0, 65536) ordered like the float value
+        b = np.int32(b)
+        return (b ^ ((b >> 15) & 0x7FFF)) + 32768
+
+    @nb.njit(nogil=True, cache=True)
+    def kth_largest(keys, n, k, hist):
+        """k-th largest of ``keys[:n]`` (ints in [0, 65536)), two 8-bit radix passes."""
+        hist[:] = 0
+        for i in range(n):
+            hist[keys[i] >> 8] += 1
+        hi = 255
+        while hist[hi] < k:  # bins from the top until the k-th largest is inside
+            k -= hist[hi]
+            hi -= 1
+        hist[:] = 0
+        for i in range(n):
+            if (keys[i] >> 8) == hi:
+                hist[keys[i] & 255] += 1
+        lo = 255
+        while hist[lo] < k:
+            k -= hist[lo]
+            lo -= 1
+        return (hi << 8) | lo
+
+    @nb.njit(nogil=True, cache=True, fastmath=True)
+    def select_row(row, kk, group, out_i, out_k, gmax, keys, ck, ci, hist):
+        w = row.shape[0] // group
+        gmax[:] = row[:w]  # group j = columns j + m * w; raw int16 max is fine for the groups >= 0
+        for m in range(1, group):
+            np.maximum(gmax, row[m * w:(m + 1) * w], gmax)
+        for j in range(w):
+            # the int16 max is wrong when a group mixes signs (negatives compare reversed): recompute
+            keys[j] = to_key(gmax[j]) if gmax[j] >= 0 else -1
+        if keys.min() < 0:
+            for j in range(w):
+                if keys[j] < 0:
+                    best = 0
+                    for m in range(group):
+                        best = max(best, to_key(row[m * w + j]))
+                    keys[j] = best
+        g = kth_largest(keys, w, kk, hist)  # <= the kk-th largest element
+        cnt = 0
+        for j in range(w):
+            if keys[j] >= g:
+                for m in range(group):
+                    key = to_key(row[m * w + j])
+                    if key >= g:
+                        if cnt == ck.shape[0]:
+                            return False  # pathological ties: caller falls back to torch
+                        ck[cnt] = key
+                        ci[cnt] = m * w + j
+                        cnt += 1
+        t = kth_largest(ck, cnt, kk, hist)
+        o = 0
+        for i in range(cnt):  # every key above t, then keys equal to t up to kk
+            if ck[i] > t:
+                out_i[o], out_k[o] = ci[i], ck[i]
+                o += 1
+        for i in range(cnt):
+            if o == kk:
+                break
+            if ck[i] == t:
+                out_i[o], out_k[o] = ci[i], ck[i]
+                o += 1
+        return True
+
+    @nb.njit(parallel=True, nogil=True, cache=True)
+    def select(a, kk, group, out_i, out_k, ok):
+        q, n = a.shape
+        w = n // group
+        for r in nb.prange(q):
+            gmax = np.empty(w, np.int16)
+            keys = np.empty(w, np.int32)
+            ck = np.empty(8 * kk, np.int32)
+            ci = np.empty(8 * kk, np.int64)
+            hist = np.empty(256, np.int64)
+            ok[r] = select_row(a[r], kk, group, out_i[r], out_k[r], gmax, keys, ck, ci, hist)
+
+
+
+def available() -> bool:
+    """True where numba is installed and the fused selection can run."""
+    return nb is not None
+
+
+def _keys_to_bf16(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of the kernel's key map: int32 keys -> bf16 values (same shape)."""
+    b = keys - 32768
+    return (b ^ ((b >> 15) & 0x7FFF)).to(torch.int16).view(torch.bfloat16)
+
+
+def fused_select(approx: torch.Tensor, kk: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel alone: values (Q, kk) bf16, columns (Q, kk) int64 and ``ok`` (Q,) bool, False for the
+    rows whose ties overflowed the kernel's buffer (their values and columns are garbage)."""
+    assert nb is not None
+    q, n = approx.shape
+    assert approx.dtype == torch.bfloat16 and approx.is_contiguous() and n % group == 0 and n >= kk * group
+    nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
+    out_i = np.empty((q, kk), np.int64)
+    out_k = np.empty((q, kk), np.int32)
+    ok = np.empty(q, np.bool_)
+    select(approx.view(torch.int16).numpy(), kk, group, out_i, out_k, ok)
+    return _keys_to_bf16(torch.from_numpy(out_k)), torch.from_numpy(out_i), torch.from_numpy(ok)
+
+
+def bf16_candidates(approx: torch.Tensor, kk: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Values (Q, kk) bf16 and column indices (Q, kk) int64 of the ``kk`` largest entries of each row of
+    the contiguous CPU bf16 block ``approx`` (Q, N), unsorted, ties arbitrary. ``N`` must be a multiple
+    of ``group`` and at least ``kk * group``. None where numba is missing.
+    """
+    if nb is None:
+        return None
+    vals, cols, ok = fused_select(approx, kk, group)
+    bad = (~ok).nonzero().flatten()
+    if bad.numel():  # more than 8 kk values tie with the threshold: plain topk for those rows
+        top = approx[bad].topk(kk, dim=1, sorted=False)
+        vals[bad], cols[bad] = top.values, top.indices
+    return vals, cols
