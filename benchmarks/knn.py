@@ -14,7 +14,9 @@ Methods, all timed in this one process, back to back, best of ``--repeat`` (the 
 - ``scikit-learn``: ``KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute")``,
   fit + predict for each k (its vote weights are 1/distance, so only its time is comparable).
 
-Run: ``.venv/bin/python benchmarks/knn.py [--repeat 3] [--no-sklearn]``
+``--profile`` also prints where one dinokit search spends its time, stage by stage.
+
+Run: ``.venv/bin/python benchmarks/knn.py [--repeat 3] [--no-sklearn] [--profile]``
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dinokit.data.fashion_mnist import load_fashion_mnist
+from dinokit.eval import knn as knn_module
 from dinokit.eval.knn import knn_classify_multi
 
 KS = (10, 20, 100, 200)
@@ -90,11 +93,42 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t, res
 
 
+def profile_stages(run) -> dict[str, float]:
+    """Seconds spent in each stage of one ``run()``: wraps the search's helpers and ``torch.mm``."""
+    spent: dict[str, float] = {}
+    stages = ["_rows", "_candidates", "_pair_dots", "_sort_desc", "_exact_topk", "_merge"]
+    saved = {name: getattr(knn_module, name) for name in stages}
+    mm = torch.mm
+
+    def wrap(name, fn):
+        def inner(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return inner
+
+    try:
+        for name, fn in saved.items():
+            setattr(knn_module, name, wrap(name, fn))
+        torch.mm = wrap("matmul (torch.mm)", mm)
+        t = time.perf_counter()
+        run()
+        spent["total"] = time.perf_counter() - t
+    finally:
+        torch.mm = mm
+        for name, fn in saved.items():
+            setattr(knn_module, name, fn)
+    return spent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="time each stage of one dinokit search")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xtr, ytr, xte, yte = make_features()
@@ -109,6 +143,9 @@ def main() -> None:
         "dinokit fp32": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, precision="fp32"),
         "dinokit faiss": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, backend="faiss"),
     }
+    t = time.perf_counter()
+    knn_classify_multi(xtr[:8192], ytr[:8192], xte[:64], yte[:64], ks=KS, precision="bf16")
+    print(f"first call (loads or compiles the numba selection kernel): {time.perf_counter() - t:.2f} s")
     for _ in range(args.repeat):  # interleaved, so a noisy neighbour hurts every method alike
         for name, fn in methods.items():
             dt, res = timed(fn)
@@ -119,6 +156,9 @@ def main() -> None:
         best["scikit-learn"], results["scikit-learn"] = timed(sklearn_knn, xtr.numpy(), ytr.numpy(), xte.numpy(),
                                                               yte.numpy(), KS)
 
+    if args.profile:
+        spent = profile_stages(methods["dinokit"])
+        print("dinokit stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in spent.items()))
     official = results["official-style"]
     for name in ("dinokit", "dinokit fp32", "dinokit faiss"):
         top1 = {k: results[name][k]["top1"] for k in KS}
