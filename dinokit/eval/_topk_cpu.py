@@ -51,11 +51,12 @@ if nb is not None:
     @nb.njit(nogil=True, cache=True, fastmath=True)
     def select_row(row, kk, group, out_i, out_k, gmax, keys, ck, ci, hist):
         w = row.shape[0] // group
-        gmax[:] = row[:w]  # group j = columns j + m * w; raw int16 max is fine for the groups >= 0
+        gmax[:] = row[:w]  # group j = columns j + m * w
         for m in range(1, group):
             np.maximum(gmax, row[m * w:(m + 1) * w], gmax)
         for j in range(w):
-            # the int16 max is wrong when a group mixes signs (negatives compare reversed): recompute
+            # The raw int16 max is the float max for a group holding any value >= +0.0; negative bf16
+            # bits compare in reverse, so an all-negative group (raw max < 0) is recomputed from keys.
             keys[j] = to_key(gmax[j]) if gmax[j] >= 0 else -1
         if keys.min() < 0:
             for j in range(w):
@@ -101,7 +102,6 @@ if nb is not None:
             ci = np.empty(8 * kk, np.int64)
             hist = np.empty(256, np.int64)
             ok[r] = select_row(a[r], kk, group, out_i[r], out_k[r], gmax, keys, ck, ci, hist)
-
 
 
 def available() -> bool:
