@@ -118,7 +118,7 @@ def _keys_to_bf16(keys: torch.Tensor) -> torch.Tensor:
 def fused_select(approx: torch.Tensor, kk: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel alone: values (Q, kk) bf16, columns (Q, kk) int64 and ``ok`` (Q,) bool, False for the
     rows whose ties overflowed the kernel's buffer (their values and columns are garbage)."""
-    assert nb is not None
+    assert nb is not None, "numba is not installed"
     q, n = approx.shape
     assert approx.dtype == torch.bfloat16 and approx.is_contiguous() and n % group == 0 and n >= kk * group
     nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
@@ -129,13 +129,11 @@ def fused_select(approx: torch.Tensor, kk: int, group: int) -> tuple[torch.Tenso
     return _keys_to_bf16(torch.from_numpy(out_k)), torch.from_numpy(out_i), torch.from_numpy(ok)
 
 
-def bf16_candidates(approx: torch.Tensor, kk: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
+def bf16_candidates(approx: torch.Tensor, kk: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Values (Q, kk) bf16 and column indices (Q, kk) int64 of the ``kk`` largest entries of each row of
     the contiguous CPU bf16 block ``approx`` (Q, N), unsorted, ties arbitrary. ``N`` must be a multiple
-    of ``group`` and at least ``kk * group``. None where numba is missing.
+    of ``group`` and at least ``kk * group``; needs numba (see :func:`available`).
     """
-    if nb is None:
-        return None
     vals, cols, ok = fused_select(approx, kk, group)
     bad = (~ok).nonzero().flatten()
     if bad.numel():  # more than 8 kk values tie with the threshold: plain topk for those rows

@@ -169,14 +169,13 @@ def _candidates(approx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     """Values and column indices (Q, k) of the ``k`` largest entries of each row of the bf16 block
     ``approx`` (Q, N), unsorted: the fused numba kernel on CPUs (5x faster), else the torch selection."""
     n = approx.shape[1]
-    for group in (_GROUP_CPU, _GROUP):
-        if approx.device.type != "cpu" or n % group or n < k * group:
-            continue
+    if approx.device.type == "cpu":
         from dinokit.eval import _topk_cpu  # imports numba: only when a bf16 search runs
 
-        found = _topk_cpu.bf16_candidates(approx, k, group)
-        if found is not None:
-            return found
+        if _topk_cpu.available():
+            for group in (_GROUP_CPU, _GROUP):
+                if n % group == 0 and n >= k * group:
+                    return _topk_cpu.bf16_candidates(approx, k, group)
     return _group_candidates(approx, k)
 
 
