@@ -54,7 +54,7 @@ def bare_loop(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float
 
 def pipeline(model: torch.nn.Module, folder: Path, out: Path, batch_size: int, workers: int | None) -> float:
     """Seconds for dinokit.embed on the folder plus writing the .npz."""
-    from dinokit.embed import embed
+    from dinokit.embedding import embed
 
     t0 = time.perf_counter()
     emb = embed(model, folder, batch_size=batch_size, num_workers=workers, device="cpu")
@@ -93,7 +93,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from dinokit.embed import default_num_workers
+    from dinokit.embedding import default_num_workers
 
     model = random_vit_s16()
     with tempfile.TemporaryDirectory() as tmp:

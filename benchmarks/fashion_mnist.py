@@ -118,7 +118,7 @@ def with_eval_preprocessing(model: torch.nn.Module, cfg: Any) -> torch.nn.Module
 
 def init_teacher(cfg: Any) -> torch.nn.Module:
     """The teacher backbone exactly as the run starts (same seed, same construction)."""
-    from dinokit.train.loop import build_models
+    from dinokit.training.loop import build_models
 
     torch.manual_seed(cfg.seed)
     _, teacher = build_models(cfg)
@@ -131,7 +131,7 @@ def plot_curve(points: list[dict[str, Any]], png: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dinokit.train.plot import save_figure
+    from dinokit.training.plot import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     xs = [p["minutes"] for p in points]
@@ -210,7 +210,7 @@ def main() -> None:
 
     import dinokit
     from dinokit.data.fashion_mnist import load_fashion_mnist
-    from dinokit.train.config import load_config
+    from dinokit.training.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
     run = Path(args.out)
@@ -267,7 +267,7 @@ def main() -> None:
             "png": os.path.relpath(args.png, REPO)}
     title = f"{info['recipe']}: k-NN vs training minutes\n{hw}"
     plot_curve(points, Path(args.png), title)
-    from dinokit.train.plot import plot_run
+    from dinokit.training.plot import plot_run
 
     try:
         plot_run(run, run / "curves.png", x="minutes")

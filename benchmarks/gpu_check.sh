@@ -48,11 +48,11 @@ import torch
 
 mode, compile_, iters, results = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4]
 from dinokit.data.multicrop import MultiCropSpec, TensorMultiCrop
-from dinokit.train.config import load_config
-from dinokit.train.ema import ema_update_
-from dinokit.train.loop import build_models
-from dinokit.train.loss import DINOLoss
-from dinokit.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
+from dinokit.training.config import load_config
+from dinokit.training.ema import ema_update_
+from dinokit.training.loop import build_models
+from dinokit.training.loss import DINOLoss
+from dinokit.training.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
 
 cfg = load_config("recipes/dino_vits16_in1k.yaml")
 if mode == "cpu":  # dry run: same code path, tiny sizes

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinokit.retrieval import Index, set_num_threads
+from dinokit.retrieval.index import Index, set_num_threads
 
 
 def clustered(n: int, dim: int = 384, sub: int = 64, n_clusters: int = 2000, spread: float = 0.6,
@@ -94,7 +94,7 @@ def load_features(spec: str, n_queries: int, seed: int = 0) -> tuple[np.ndarray,
         feats = np.concatenate(xs).reshape(-1, 784).astype(np.float32)
         feats -= feats.mean(axis=0)  # centred pixels: the better pixel-space baseline
     else:
-        from dinokit.embed import load_embeddings
+        from dinokit.embedding import load_embeddings
 
         feats = load_embeddings(spec).features.numpy().astype(np.float32)
     feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)

@@ -66,11 +66,11 @@ def worker(config: str, mode: str, iters: int, threads: int) -> dict[str, Any]:
     from PIL import Image
 
     from dinokit.data.multicrop import MultiCropSpec, PILMultiCrop, TensorMultiCrop
-    from dinokit.train.config import TrainConfig
-    from dinokit.train.ema import ema_update_
-    from dinokit.train.loop import _autocast, build_models, set_fused_attention, use_fused_attention
-    from dinokit.train.loss import DINOLoss
-    from dinokit.train.optim import (
+    from dinokit.training.config import TrainConfig
+    from dinokit.training.ema import ema_update_
+    from dinokit.training.loop import _autocast, build_models, set_fused_attention, use_fused_attention
+    from dinokit.training.loss import DINOLoss
+    from dinokit.training.optim import (
         build_optimizer,
         cancel_last_layer_gradients,
         clip_gradients,

@@ -120,7 +120,7 @@ def export(
     """
     import dinokit
     from dinokit.hub import read_checkpoint
-    from dinokit.train.config import TrainConfig
+    from dinokit.training.config import TrainConfig
 
     if which not in ("teacher", "student"):
         raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
@@ -180,7 +180,9 @@ def _read_json_file(path: Path) -> dict[str, Any]:
 
 def _knn_record(path: Path, iteration: int) -> dict[str, Any] | None:
     """The log's k-NN record at ``iteration`` (else the last one before it); None without any."""
-    from dinokit.train.plot import read_log  # the one JSON-lines reader (torn last line, resume duplicates)
+    from dinokit.training.plot import (
+        read_log,  # the one JSON-lines reader (torn last line, resume duplicates)
+    )
 
     if not path.is_file():
         return None

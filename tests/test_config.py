@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dinokit.train.config import ConfigError, TrainConfig, load_config
+from dinokit.training.config import ConfigError, TrainConfig, load_config
 
 
 def test_defaults_are_the_official_dino_ones() -> None:

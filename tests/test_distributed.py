@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from dinokit import distributed
-from dinokit.train.checkpoint import load_checkpoint
-from dinokit.train.config import TrainConfig
-from dinokit.train.loop import build_models
+from dinokit.training.checkpoint import load_checkpoint
+from dinokit.training.config import TrainConfig
+from dinokit.training.loop import build_models
 
 SCRIPT = """
 import sys
 import dinokit
-from dinokit.train.config import TrainConfig
+from dinokit.training.config import TrainConfig
 cfg = TrainConfig().replace({
     "data.source": "fashion-mnist#64", "model.arch": "vit_tiny_patch16_224",
     "model.model_args": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 32},

@@ -13,7 +13,7 @@ from test_images import write_bad_files
 
 from dinokit.data.images import ImageError, load_rgb
 from dinokit.data.transforms import eval_transform
-from dinokit.embed import Embeddings, compute_features, embed, load_embeddings
+from dinokit.embedding import Embeddings, compute_features, embed, load_embeddings
 
 
 def _write_mode_images(root: Path) -> list[str]:

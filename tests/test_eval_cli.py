@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import dinokit
 from dinokit.cli import app
 from dinokit.data.labeled import align_classes, resolve_labeled
-from dinokit.embed import embed
+from dinokit.embedding import embed
 from dinokit.eval.cache import embed_labeled
 from dinokit.eval.knn import knn_classify_multi
 from dinokit.models.backbone import create_backbone
@@ -79,7 +79,7 @@ def test_knn_eval_matches_the_api_and_reuses_the_cache(tiny_folder, data_with_co
     def no_embed(*a, **k):
         raise AssertionError("embed called although the features are cached")
 
-    monkeypatch.setattr(importlib.import_module("dinokit.embed"), "embed", no_embed)
+    monkeypatch.setattr(importlib.import_module("dinokit.embedding"), "embed", no_embed)
     code, stdout, stderr = _run(["knn-eval", "--model", str(folder), "--train", str(d["train"]), "--val",
                                  str(d["val"]), "--k", "10", "--json", str(tmp_path / "b.json"), "--workers", "0"])
     assert code == 0, stderr
@@ -98,7 +98,7 @@ def test_cache_key_follows_data_and_model(tiny_folder, fmnist_root, monkeypatch)
     data = resolve_labeled(f"fashion-mnist:{fmnist_root}#40")
     x1, y1, _ = embed_labeled(model, data, num_workers=0)
     calls = []
-    embed_mod = importlib.import_module("dinokit.embed")
+    embed_mod = importlib.import_module("dinokit.embedding")
 
     orig = embed_mod.embed
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dinokit.train.loss import DINOLoss
+from dinokit.training.loss import DINOLoss
 
 
 def _softmax(row: list[float], t: float) -> list[float]:

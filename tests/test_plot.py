@@ -1,4 +1,4 @@
-"""dinokit.train.plot: run logs (train_format.md layout) -> PNG with one panel per metric found."""
+"""dinokit.training.plot: run logs (train_format.md layout) -> PNG with one panel per metric found."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dinokit.train.plot import plot_run, read_log, series
+from dinokit.training.plot import plot_run, read_log, series
 
 PANEL_PX = 440  # 4.0 inches per panel at 110 dpi
 

@@ -14,13 +14,14 @@ def test_every_public_name_resolves():
 
 
 def test_functions_are_not_shadowed_by_their_submodules():
-    # importing the submodules first used to replace dinokit.embed / dinokit.train with modules
-    importlib.import_module("dinokit.embed")
-    importlib.import_module("dinokit.train.loop")
+    # the modules that define embed() and train() have other names (embedding.py, training/), so
+    # importing them first cannot replace the public functions
+    importlib.import_module("dinokit.embedding")
+    importlib.import_module("dinokit.training.loop")
     assert inspect.isfunction(dinokit.embed) and dinokit.embed.__name__ == "embed"
     assert inspect.isfunction(dinokit.train) and dinokit.train.__name__ == "train"
-    from dinokit.embed import Embeddings  # the submodule itself is still importable
-    from dinokit.train import loop
+    from dinokit.embedding import Embeddings  # the submodule itself is still importable
+    from dinokit.training import loop
 
     assert Embeddings is dinokit.Embeddings and loop.train is dinokit.train
 

@@ -120,7 +120,7 @@ def test_push_bad_inputs(model_folder: Path, tmp_path: Path) -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A 2-iteration dinokit.train run of a tiny ViT on 32 Fashion-MNIST images, with a k-NN record."""
     import dinokit
-    from dinokit.train.config import TrainConfig
+    from dinokit.training.config import TrainConfig
 
     cfg = TrainConfig().replace({
         "model.arch": "vit_tiny_patch16_224",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dinokit.train.config import TrainConfig, load_config
+from dinokit.training.config import TrainConfig, load_config
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 NAMES = ["dino_vits16_in1k", "dino_vitb16_in1k", "dino_vits16_in1k_fast", "fashion_mnist_cpu"]
@@ -57,7 +57,7 @@ def test_every_setting_is_explained() -> None:
 def test_fashion_mnist_recipe_fits_its_budget_and_builds() -> None:
     import torch
 
-    from dinokit.train.loop import build_models
+    from dinokit.training.loop import build_models
 
     c = load_config(RECIPES / "fashion_mnist_cpu.yaml")
     assert c.data.source == "fashion-mnist@train" and c.data.limit is None  # all 60k training images

@@ -12,7 +12,7 @@ from PIL import Image
 
 import dinokit
 from dinokit.data.images import ImageError
-from dinokit.retrieval import Index, ModelMismatchError, choose_kind, set_num_threads
+from dinokit.retrieval.index import Index, ModelMismatchError, choose_kind, set_num_threads
 
 
 @pytest.fixture(autouse=True)

@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 from dinokit.models.head import DINOHead, MultiCropWrapper
-from dinokit.train.ema import ema_update_
-from dinokit.train.optim import (
+from dinokit.training.ema import ema_update_
+from dinokit.training.optim import (
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients,
     param_groups,
     set_schedules,
 )
-from dinokit.train.schedules import cosine_schedule
+from dinokit.training.schedules import cosine_schedule
 
 
 def test_cosine_schedule_values() -> None:

@@ -12,10 +12,10 @@ import torch
 import dinokit
 from dinokit.data.fashion_mnist import load_fashion_mnist
 from dinokit.data.multicrop import MultiCropSpec, TensorMultiCrop
-from dinokit.train.checkpoint import load_checkpoint
-from dinokit.train.config import TrainConfig
-from dinokit.train.loop import TrainingDiverged, build_models
-from dinokit.train.loss import DINOLoss
+from dinokit.training.checkpoint import load_checkpoint
+from dinokit.training.config import TrainConfig
+from dinokit.training.loop import TrainingDiverged, build_models
+from dinokit.training.loss import DINOLoss
 
 TINY: dict[str, Any] = {
     "model.arch": "vit_tiny_patch16_224",
@@ -173,7 +173,7 @@ def test_cli_train_runs_a_recipe_and_names_bad_keys(tmp_path: Path) -> None:
 
 
 def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) -> None:
-    from dinokit.train.loop import choose_precision
+    from dinokit.training.loop import choose_precision
 
     cfg = _cfg(data__source="fashion-mnist#32", optim__epochs=1, max_iterations=1)
     torch.manual_seed(123)
@@ -197,7 +197,7 @@ def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) 
 
 
 def test_attention_switch_keeps_the_numbers(tiny_vit: torch.nn.Module) -> None:
-    from dinokit.train.loop import set_fused_attention, use_fused_attention
+    from dinokit.training.loop import set_fused_attention, use_fused_attention
 
     cpu = torch.device("cpu")
     assert use_fused_attention(TrainConfig(), cpu, "bf16") is False

@@ -69,7 +69,7 @@ class MultiCropSpec:
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> MultiCropSpec:
-        """Take the matching fields of a :class:`dinokit.train.config.DataConfig` (or any object)."""
+        """Take the matching fields of a :class:`dinokit.training.config.DataConfig` (or any object)."""
         names = cls.__dataclass_fields__
         return cls(**{n: getattr(data_cfg, n) for n in names if hasattr(data_cfg, n)})
 

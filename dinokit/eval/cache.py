@@ -68,7 +68,7 @@ def cached_embed(
     model. ``use_cache=False`` neither reads nor writes the cache.
     """
     from dinokit.data.labeled import data_fingerprint
-    from dinokit.embed import Embeddings, embed, load_embeddings
+    from dinokit.embedding import Embeddings, embed, load_embeddings
 
     path = None
     if use_cache:

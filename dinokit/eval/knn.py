@@ -24,23 +24,24 @@ first), classes with equal score by class index (smaller first). Top-5 uses ``mi
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinokit._types import Progress
+from dinokit.devices import cpu_has_native_bf16, resolve_device
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = torch.Tensor | np.ndarray
 Backend = Literal["auto", "torch", "faiss"]
 Precision = Literal["auto", "fp32", "bf16"]
-Progress = Callable[[int, int], None]
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 # Similarity block budget per test chunk (~2000 test rows against 60k train rows in bf16). One buffer
@@ -82,12 +83,6 @@ def _check_features(x: ArrayLike, name: str) -> None:
         raise ValueError(f"{name}: expected a (N, D) feature matrix, got shape {tuple(x.shape)}")
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _resolve_precision(precision: Precision, device: torch.device, n_train: int, n_test: int, kk: int) -> str:
     if precision != "auto":
         return precision
@@ -96,19 +91,7 @@ def _resolve_precision(precision: Precision, device: torch.device, n_train: int,
         return "fp32"
     if device.type == "cuda":
         return "bf16"
-    return "bf16" if _native_cpu_bf16() else "fp32"
-
-
-@functools.cache
-def _native_cpu_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates bf16 and the fp32 search is faster."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:  # not Linux: play safe with the exact fp32 search
-        return False
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and bool(torch.backends.mkldnn.is_available())
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 # ------------------------------------------------------------------------------------------ ordering
@@ -294,7 +277,7 @@ def knn_search(
     if backend not in ("torch", "auto"):
         raise ValueError(f"unknown k-NN backend {backend!r}; expected 'torch' or 'faiss'")
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     # k=200: margin 150 leaves ~0.1% of the rows to the fp32 re-search, margin 100 about 3%
     margin = margin if margin is not None else max(32, (3 * k) // 4)
     kk = min(n_train, k + margin)

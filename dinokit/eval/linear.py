@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinokit._io import atomic_path
+from dinokit._types import Progress
 from dinokit.eval.knn import _metrics, rank_classes
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
 FAST_LRS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
 
 
@@ -363,7 +363,7 @@ def _train_official(model: nn.Module, data: Any, head: LinearHead, *, epochs: in
                     device: torch.device, num_workers: int, image_size: int | None, seed: int,
                     progress: Progress | None) -> tuple[list[dict[str, float]], list[tuple[str, str]]]:
     from dinokit.data.images import ImageDataset, collate_skipping
-    from dinokit.embed import compute_features
+    from dinokit.embedding import compute_features
 
     tf = train_transform(model, image_size)
     ds = _AugmentedArray(data.images, tf) if isinstance(data.images, np.ndarray) else ImageDataset(data.images, tf)
@@ -461,7 +461,7 @@ def linear_probe(
                                     progress=progress)
         history: list[dict[str, float]] = []
     else:
-        from dinokit.embed import default_num_workers, feature_dim
+        from dinokit.embedding import default_num_workers, feature_dim
 
         torch.manual_seed(seed)
         head = LinearHead(feature_dim(model, kind), len(tr.classes), tr.classes, kind)
@@ -488,7 +488,7 @@ def classify(model: nn.Module, head: LinearHead, images: Any, *, topk: int = 1, 
 
     Returns ``([{"path", "label", "prob", "topk": [(label, prob), ...]}], skipped)``.
     """
-    from dinokit.embed import embed
+    from dinokit.embedding import embed
 
     emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
                 features=head.features, progress=progress)

@@ -27,17 +27,17 @@ from torch import nn
 from dinokit import distributed
 from dinokit._io import write_json
 from dinokit.models.head import DINOHead, MultiCropWrapper
-from dinokit.train import checkpoint as ckpt_io
-from dinokit.train.config import TrainConfig, load_config, require_source
-from dinokit.train.data import TrainData, build_train_data, mix_seed
-from dinokit.train.ema import ema_update_
-from dinokit.train.loss import DINOLoss
-from dinokit.train.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
-from dinokit.train.schedules import cosine_schedule
+from dinokit.training import checkpoint as ckpt_io
+from dinokit.training.config import TrainConfig, load_config, require_source
+from dinokit.training.data import TrainData, build_train_data, mix_seed
+from dinokit.training.ema import ema_update_
+from dinokit.training.loss import DINOLoss
+from dinokit.training.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients, set_schedules
+from dinokit.training.schedules import cosine_schedule
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., None]
+Progress = Callable[..., None]  # (done, total) or (done, total, stats)
 
 # keys that may change between a run and its resume (they do not change the maths)
 _RESUME_FREE = ("max_iterations", "max_minutes", "knn", "log_every", "checkpoint_every", "saveckp_freq",
@@ -83,13 +83,13 @@ def load_init(student: nn.Module, teacher: nn.Module, source: str) -> str:
     Returns what was loaded ("full checkpoint" or "backbone").
     """
     from dinokit.hub import read_checkpoint
-    from dinokit.train.checkpoint import strip_prefix
+    from dinokit.models.convert import strip_prefix
 
     path = Path(source).expanduser()
     obj = read_checkpoint(path) if path.is_file() and path.suffix != ".safetensors" else None
     if isinstance(obj, dict) and "teacher" in obj and "student" in obj:
         for name, net in (("student", student), ("teacher", teacher)):
-            sd = strip_prefix(obj[name])
+            sd = strip_prefix(obj[name], "module.")
             try:
                 net.load_state_dict(sd, strict=True)
             except RuntimeError as e:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinokit import distributed
-from dinokit.train.schedules import teacher_temp_schedule
+from dinokit.training.schedules import teacher_temp_schedule
 
 
 class DINOLoss(nn.Module):

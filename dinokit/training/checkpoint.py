@@ -103,8 +103,3 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or missing:
         raise ValueError(f"{path}: not a dinokit training checkpoint (missing {', '.join(missing)})")
     return ckpt
-
-
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    """Drop a DDP ``module.`` prefix from every key that has it."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}

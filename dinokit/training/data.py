@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dinokit.data.multicrop import MultiCropSpec, PILMultiCrop, TensorMultiCrop
-from dinokit.train.config import TrainConfig
+from dinokit.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dinokit._io import atomic_path
+from dinokit._types import Progress
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ DEFAULT_MEMORY_BUDGET = 8 * 2**30
 
 _COMPACT_FRACTION = 0.25
 
-Progress = Callable[[int, int], None]
 
 
 class ModelMismatchError(ValueError):
