@@ -1,11 +1,12 @@
 # dinokit: `make demo` runs the whole toolkit on real images, `make test` runs the quick tests.
-# Both create .venv on first use. CI runs `make test-all` (slow tests included).
+# Both create .venv and fetch Fashion-MNIST on first use. CI runs `make test-all` (slow tests included).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install test test-all demo lint clean
+.PHONY: install data test test-all demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,17 +18,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Fashion-MNIST (Debian's dataset-fashion-mnist package): the tests and the demo use it.
+data:
+	@bash scripts/ensure_data.sh
+
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(BIN)/python recipes/demo.py --out demo-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check dinokit tests benchmarks recipes hubconf.py
+	$(BIN)/mypy dinokit
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -32,6 +32,7 @@ from dinokit.data.images import (
     list_images,
 )
 from dinokit.data.transforms import eval_transform, preprocessing_config
+from dinokit.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_features(features)
-    dev = torch.device(device) if device is not None else _default_device(model)
+    dev = resolve_device(device) if device is not None else _default_device(model)
     transform = eval_transform(model, image_size)
     dataset, names, decodes = _dataset(images, transform)
     total = len(dataset)

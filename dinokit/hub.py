@@ -9,6 +9,7 @@ checkpoint, ``.safetensors``, timm/dinokit folder, HF transformers ViT folder) o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -160,6 +161,11 @@ def _load_hf(repo: str, source: str, which: str, model_args: Mapping[str, Any] |
 
     repo_id, _, revision = repo.partition("@")
     offline = _offline()
+    if not offline and (why := hub_unreachable()) is not None:
+        # no network: answer from the local cache at once instead of retrying for a minute
+        log.info("the HF Hub cannot be reached (%s); using the local HF cache (set HF_HUB_OFFLINE=1 "
+                    "to skip this check)", why)
+        offline = True
     kwargs = {"revision": revision or None, "cache_dir": _hf_cache_dir(), "local_files_only": offline}
 
     def fetch(name: str) -> Path | None:
@@ -174,10 +180,35 @@ def _load_hf(repo: str, source: str, which: str, model_args: Mapping[str, Any] |
     cfg_file = fetch(CONFIG_NAME)
     weights = fetch(WEIGHTS_NAME) or fetch(LEGACY_WEIGHTS_NAME)
     if weights is None:
-        where = "in the local HF cache (offline mode)" if offline else "on the HF Hub"
+        if offline and not _offline():
+            raise FileNotFoundError(f"{repo}: the HF Hub cannot be reached ({hub_unreachable()}) and the model "
+                                    "is not in the local HF cache; connect, or copy the repo's files into the "
+                                    "cache and set HF_HUB_OFFLINE=1")
+        where = "in the local HF cache (HF_HUB_OFFLINE is set)" if offline else "on the HF Hub"
         raise FileNotFoundError(f"{repo}: no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} found {where}")
     config = _read_json(cfg_file) if cfg_file is not None else None
     return _build(read_checkpoint(weights), config, f"{repo} ({weights.name})", which, model_args)
+
+
+@functools.cache
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the HF Hub endpoint accepts a TCP connection within ``timeout`` s, else the reason.
+
+    huggingface_hub retries a dead network for about a minute per file; one bounded probe per
+    process lets an offline machine fail (or fall back to the cache) in seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or type(exc).__name__}"
 
 
 def _hf_cache_dir() -> str | None:

@@ -24,7 +24,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-class PushError(RuntimeError):
+class PushError(OSError):
     """An upload that cannot happen (no token, no network, Hub refusal); the message is one line."""
 
 

@@ -35,12 +35,13 @@ RECIPE = HERE / "fashion_mnist_vit_cpu.yaml"
 
 
 def dinokit(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run one `dinokit` command, echo it, fail loudly with its stderr if it fails."""
+    """Run one `dinokit` command and echo it; its progress bars and messages (stderr) show live, its
+    results (stdout) are kept for the next steps. Fail loudly if it fails."""
     cmd = [sys.executable, "-m", "dinokit.cli", *map(str, args)]
-    print("$ dinokit " + " ".join(map(str, args)), flush=True)
-    res = subprocess.run(cmd, text=True, capture_output=True)
+    print("\n$ dinokit " + " ".join(map(str, args)), flush=True)
+    res = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=None)
     if res.returncode != 0:
-        sys.stderr.write(res.stdout + res.stderr)
+        sys.stderr.write(res.stdout)
         raise SystemExit(f"demo step failed: dinokit {args[0]} (exit {res.returncode})")
     return res
 
@@ -73,7 +74,7 @@ def main() -> None:
 
     dinokit("embed", train, "--model", model, "--out", out / "train.npz")
     dinokit("knn-eval", "--model", model, "--train", train, "--val", val, "--k", "10,20",
-            "--json", out / "knn.json")
+            "--json-out", out / "knn.json")
     dinokit("linear-eval", "--model", model, "--train", train, "--val", val, "--fast", "--out", out / "linear")
     dinokit("index", "build", train, "--model", model, "--out", out / "index")
     queries = [sorted(d.iterdir())[0] for d in sorted(val.iterdir()) if d.is_dir()][:4]

@@ -253,3 +253,13 @@ def test_sort_desc_orders_by_value_then_index() -> None:
     assert torch.equal(v, torch.tensor([[2.0, 0.5, 0.5, 0.5, 0.0, 0.0, -3e-39, -1.0]]))
     big = torch.tensor([[1.0, 1.0]]), torch.tensor([[2**40, 5]])  # indices beyond the packed key
     assert _sort_desc(*big)[1].tolist() == [[5, 2**40]]
+
+
+def test_knn_classify_accepts_a_list_of_k() -> None:
+    g = torch.Generator().manual_seed(0)
+    xtr, xte = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    ytr, yte = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (50,), generator=g)
+    many = knn_classify(xtr, ytr, xte, yte, k=[5, 20], T=0.07)
+    assert set(many) == {5, 20}
+    for k in (5, 20):  # one search for all k gives each k's own result
+        assert many[k] == knn_classify(xtr, ytr, xte, yte, k=k, T=0.07)

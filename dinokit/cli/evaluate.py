@@ -8,7 +8,22 @@ from typing import Any
 import typer
 
 from dinokit._io import write_json
-from dinokit.cli._common import _fail, _print_json, _progress, app, console, out
+from dinokit.cli._common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    ModelOpt,
+    WorkersOpt,
+    _fail,
+    _print_json,
+    app,
+    console,
+    emit,
+    out,
+    progress_bar,
+    report_skipped,
+)
 
 # ---------------------------------------------------------------- evaluation: knn-eval, linear-eval, classify
 
@@ -28,23 +43,13 @@ def _parse_ks(values: list[str], extra: list[str]) -> list[int]:
     return sorted(set(ks), key=ks.index)
 
 
-def _report_skipped(skipped: list[tuple[str, str]]) -> None:
-    if skipped:
-        console.print(f"[yellow]skipped {len(skipped)} unreadable images:[/]")
-        for path, reason in skipped:
-            console.print(f"  {path}: {reason}", highlight=False, markup=False)
-
-
 def _load_eval_data(model: str, train: str, val: str | None) -> tuple[Any, Any, Any]:
     from dinokit.data.labeled import align_classes, resolve_labeled
     from dinokit.hub import load
 
-    try:
-        net = load(model)
-        tr = resolve_labeled(train, "train")
-        va = align_classes(tr, resolve_labeled(val, "test")) if val is not None else None
-    except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as exc:
-        _fail(str(exc))
+    net = load(model)
+    tr = resolve_labeled(train, "train")
+    va = align_classes(tr, resolve_labeled(val, "test")) if val is not None else None
     return net, tr, va
 
 
@@ -63,18 +68,19 @@ def _eval_pictures(prefix: str, confusion: Any, per_class: list[float | None], c
 @app.command("knn-eval", context_settings={"allow_extra_args": True})
 def knn_eval_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", "-m", help="Model: registry name, folder, file or HF repo id."),
+    model: ModelOpt,
     train: str = typer.Option(..., "--train", help=f"Train set: {_DATA_HELP}; default split train."),
     val: str = typer.Option(..., "--val", help=f"Val set: {_DATA_HELP}; default split test."),
     k: list[str] = typer.Option(["10", "20", "100", "200"], "--k", "-k",
                                 help="Neighbour counts, all scored with one search: --k 10 20 100 200 or --k 20."),
     temperature: float = typer.Option(0.07, "--temperature", "-T", help="Vote temperature T: weights exp(sim / T)."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON here, and the confusion "
+    as_json: JsonOpt = False,
+    json_out: Path | None = typer.Option(None, "--json-out", help="Write the results as JSON here, and the confusion "
                                          "matrix / per-class PNGs beside it (<stem>.confusion.png, ...). Default: no files."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass when embedding."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
-    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Eval crop size (default: the model's)."),
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = None,
+    image_size: ImageSizeOpt = None,
     features: str = typer.Option("cls", "--features", help="Feature kind: cls (official), cls+avgpool, lastN."),
     backend: str = typer.Option("torch", "--backend", help="Search: torch (chunked, CPU/GPU) or faiss (IndexFlatIP)."),
     precision: str = typer.Option("auto", "--precision", help="torch search: auto, fp32, or bf16 (bf16 candidates "
@@ -88,15 +94,13 @@ def knn_eval_cmd(
 
     A second run with other k is near instant. Unreadable images are skipped and reported.
 
-    Example: dinokit knn-eval --model dino_vits16 --train fashion-mnist --val fashion-mnist --k 10 20 --json knn.json
+    Example: dinokit knn-eval --model dino_vits16 --train fashion-mnist --val fashion-mnist --k 10 20 --json-out knn.json
     """
     import time
 
-    import numpy as np
-    from rich.table import Table
-
     from dinokit.eval.cache import embed_labeled
-    from dinokit.eval.knn import knn_classify_multi
+    from dinokit.eval.knn import knn_classify_multi, knn_report
+    from dinokit.models.backbone import identity
 
     ks = _parse_ks(k, list(ctx.args))
     if temperature <= 0:
@@ -107,15 +111,10 @@ def knn_eval_cmd(
     t0 = time.perf_counter()
     kw = dict(features=features, batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
               use_cache=not no_cache)
-    try:
-        bar, update = _progress("embedding train")
-        with bar:
-            xtr, ytr, sk_tr = embed_labeled(net, tr, progress=update, **kw)
-        bar, update = _progress("embedding val")
-        with bar:
-            xva, yva, sk_va = embed_labeled(net, va, progress=update, **kw)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        _fail(str(exc))
+    with progress_bar("embedding train") as update:
+        xtr, ytr, sk_tr = embed_labeled(net, tr, progress=update, **kw)
+    with progress_bar("embedding val") as update:
+        xva, yva, sk_va = embed_labeled(net, va, progress=update, **kw)
     t1 = time.perf_counter()
     if len(ytr) == 0 or len(yva) == 0:
         _fail("no readable images in the " + ("train" if len(ytr) == 0 else "val") + " set")
@@ -124,52 +123,55 @@ def knn_eval_cmd(
                              device=device if device is not None else "cpu" if backend == "faiss" else None)
     t2 = time.perf_counter()
     skipped = [*sk_tr, *sk_va]
-    _report_skipped(skipped)
-
-    table = Table(title=f"weighted k-NN, T={temperature:g}",
-                  caption=f"{len(ytr)} train, {len(yva)} val, {len(tr.classes)} classes")
-    for col in ("k", "top-1 %", "top-5 %"):
-        table.add_column(col, justify="right")
-    for kk in ks:
-        table.add_row(str(kk), f"{res[kk]['top1']:.2f}", f"{res[kk]['top5']:.2f}")
-    out.print(table)
-    pc = Table(title="per-class top-1 %")
-    pc.add_column("class")
-    pc.add_column("val images", justify="right")
-    for kk in ks:
-        pc.add_column(f"k={kk}", justify="right")
-    counts = np.bincount(np.asarray(yva), minlength=len(tr.classes))
-    for ci, name in enumerate(tr.classes):
-        cells = ["-" if res[kk]["per_class"][ci] is None else f"{res[kk]['per_class'][ci]:.1f}" for kk in ks]
-        pc.add_row(name, str(int(counts[ci])), *cells)
-    out.print(pc)
-    console.print(f"embedding {t1 - t0:.1f} s, k-NN {t2 - t1:.2f} s", highlight=False)
-
+    report_skipped(skipped, "unreadable images")
+    ident = identity(net)
+    report = knn_report(res, tr.classes, T=temperature, features=features, train=train, val=val,
+                        num_train=len(ytr), skipped=skipped, seconds={"embedding": t1 - t0, "knn": t2 - t1},
+                        model={"source": model, "name": ident["name"], "arch": ident["arch"],
+                               "fingerprint": ident["fingerprint"]})
+    if not as_json:
+        _print_knn_tables(report, ks, yva)
+        console.print(f"embedding {t1 - t0:.1f} s, k-NN {t2 - t1:.2f} s", highlight=False)
+    emit(report, as_json, json_out)
     if json_out is not None:
-        from dinokit.models.backbone import identity
-
-        ident = identity(net)
-        data = {
-            "model": {"source": model, "name": ident["name"], "arch": ident["arch"],
-                      "fingerprint": ident["fingerprint"]},
-            "train": train, "val": val, "num_train": len(ytr), "num_val": len(yva), "classes": tr.classes,
-            "temperature": temperature, "features": features,
-            "results": {str(kk): {"top1": res[kk]["top1"], "top5": res[kk]["top5"],
-                                  "per_class": dict(zip(tr.classes, res[kk]["per_class"], strict=True)),
-                                  "confusion": res[kk]["confusion"]} for kk in ks},
-            "skipped": [list(s) for s in skipped],
-            "seconds": {"embedding": t1 - t0, "knn": t2 - t1},
-        }
-        write_json(json_out, data)
         kp = 20 if 20 in ks else ks[0]
         pics = _eval_pictures(f"{json_out.with_suffix('')}.", res[kp]["confusion"], res[kp]["per_class"], tr.classes,
                               res[kp]["top1"], f"k-NN k={kp}")
         console.print(f"wrote {json_out}, {pics[0].name}, {pics[1].name}", highlight=False)
 
 
+def _print_knn_tables(report: dict[str, Any], ks: list[int], val_labels: Any) -> None:
+    """The k-NN scores and the per-class table (stdout)."""
+    import numpy as np
+    from rich.table import Table
+
+    classes, res = report["classes"], report["results"]
+    table = Table(title=f"weighted k-NN, T={report['temperature']:g}",
+                  caption=f"{report['num_train']} train, {report['num_val']} val, {len(classes)} classes")
+    for col in ("k", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right")
+    for kk in ks:
+        table.add_row(str(kk), f"{res[str(kk)]['top1']:.2f}", f"{res[str(kk)]['top5']:.2f}")
+    out.print(table)
+    pc = Table(title="per-class top-1 %")
+    pc.add_column("class")
+    pc.add_column("val images", justify="right")
+    for kk in ks:
+        pc.add_column(f"k={kk}", justify="right")
+    counts = np.bincount(np.asarray(val_labels), minlength=len(classes))
+    for ci, name in enumerate(classes):
+        cells = [_pct(res[str(kk)]["per_class"][name]) for kk in ks]
+        pc.add_row(name, str(int(counts[ci])), *cells)
+    out.print(pc)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 @app.command("linear-eval")
 def linear_eval_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="Model: registry name, folder, file or HF repo id."),
+    model: ModelOpt,
     train: str = typer.Option(..., "--train", help=f"Train set: {_DATA_HELP}; default split train."),
     val: str = typer.Option(..., "--val", help=f"Val set: {_DATA_HELP}; default split test."),
     fast: bool = typer.Option(False, "--fast", help="Train on cached frozen features without augmentation "
@@ -184,11 +186,12 @@ def linear_eval_cmd(
                                         "last4 for ViT-S, cls+avgpool for ViT-B, cls for CNNs)."),
     out_dir: Path = typer.Option(Path("linear-eval"), "--out", "-o", help="Folder for head.safetensors, "
                                  "metrics.json, confusion.png and per_class.png."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
-    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),
+    device: DeviceOpt = None,
+    workers: WorkersOpt = None,
+    image_size: ImageSizeOpt = None,
     seed: int = typer.Option(0, "--seed", help="Random seed (init, shuffling, augmentation)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache. Default: off (cache used)."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Linear probe of a frozen model: train one linear layer, report top-1 / top-5, save the head.
 
@@ -201,20 +204,19 @@ def linear_eval_cmd(
     from dinokit.eval.linear import linear_probe
 
     net, tr, va = _load_eval_data(model, train, val)
-    bar, update = _progress("linear probe")
-    try:
-        with bar:
-            res = linear_probe(net, tr, va, fast=fast, features=features, epochs=epochs, lr=lr, batch_size=batch_size,
-                               device=device, num_workers=workers, image_size=image_size, use_cache=not no_cache,
-                               seed=seed, progress=update)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        _fail(str(exc))
-    _report_skipped([tuple(s) for s in res.settings.get("skipped", [])])
+    with progress_bar("linear probe") as update:
+        res = linear_probe(net, tr, va, fast=fast, features=features, epochs=epochs, lr=lr, batch_size=batch_size,
+                           device=device, num_workers=workers, image_size=image_size, use_cache=not no_cache,
+                           seed=seed, progress=update)
+    report_skipped([tuple(s) for s in res.settings.get("skipped", [])], "unreadable images")
     head_path = res.head.save(out_dir / "head.safetensors")
     metrics = {"model": model, "train": train, "val": val, **res.metrics()}
     write_json(out_dir / "metrics.json", metrics)
     _eval_pictures(f"{out_dir}/", res.confusion, res.per_class, res.head.classes, res.top1,
                    "linear probe")
+    if as_json:
+        _print_json({**metrics, "head": str(head_path), "metrics_file": str(out_dir / "metrics.json")})
+        return
     s = res.settings
     table = Table(title=f"linear probe ({s['mode']})",
                   caption=f"{s['features']} features, {s['epochs']} epochs, lr {s['lr']:g}")
@@ -231,9 +233,9 @@ def classify_cmd(
     model: str = typer.Option(..., "--model", "-m", help="The backbone the head was trained on."),
     head: Path = typer.Option(..., "--head", help="A head.safetensors written by dinokit linear-eval."),
     top_k: int = typer.Option(1, "--top-k", help="Print the k most likely classes per image."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (path, label, prob, topk) instead of a table. Default: off."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    as_json: JsonOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = None,
     workers: int = typer.Option(0, "--workers", help="Decoding processes (0: decode in this process)."),
 ) -> None:
     """Predict class labels for images with a backbone and a linear head from linear-eval.
@@ -256,14 +258,11 @@ def classify_cmd(
             _fail(f"{p}: no such file or folder")
     if not paths:
         _fail("no images given")
-    try:
-        clf = LinearHead.load(head)
-        net = load(model)
-        rows, skipped = classify(net, clf, paths, topk=top_k, batch_size=batch_size, device=device,
-                                 num_workers=workers)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        _fail(str(exc))
-    _report_skipped(skipped)
+    clf = LinearHead.load(head)
+    net = load(model)
+    rows, skipped = classify(net, clf, paths, topk=top_k, batch_size=batch_size, device=device,
+                             num_workers=workers)
+    report_skipped(skipped, "unreadable images")
     if as_json:
         _print_json({"head": str(head), "model": model, "predictions": rows, "skipped": [list(s) for s in skipped]})
         return

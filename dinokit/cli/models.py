@@ -6,13 +6,11 @@ from pathlib import Path
 
 import typer
 
-from dinokit.cli._common import _fail, _print_json, app, console, out
-
-# ---------------------------------------------------------------- models, convert
+from dinokit.cli._common import JsonOpt, _fail, _print_json, app, console, out
 
 
 @app.command("models")
-def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
+def models_cmd(as_json: JsonOpt = False) -> None:
     """List the known DINO weights (registry names usable as --model / dinokit.load).
 
     Example: dinokit models --json
@@ -41,6 +39,7 @@ def convert_cmd(
                                  "model.safetensors, README.md)."),
     which: str = typer.Option("teacher", "--which", help="teacher or student (full training checkpoints)."),
     name: str | None = typer.Option(None, "--name", help="Model name in the card (default: folder name)."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Convert any DINO checkpoint into a timm-compatible folder.
 
@@ -51,11 +50,11 @@ def convert_cmd(
 
     if which not in ("teacher", "student"):
         _fail(f"--which {which!r}: expected teacher or student")
-    try:
-        model = load(source, which=which)
-        folder = save(model, out_dir, name=name)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        _fail(str(exc))
+    model = load(source, which=which)
+    folder = save(model, out_dir, name=name)
     ident = identity(model)
+    if as_json:
+        _print_json({"source": source, "folder": str(folder), **ident})
+        return
     console.print(f"{source} -> {folder} ({ident['arch']}, {ident['num_features']}-d features, "
                   f"fingerprint {ident['fingerprint']})", highlight=False)

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dinokit.cli._common import _fail, app, console, out
-
-# ---------------------------------------------------------------- publishing: export, push, plot
+from dinokit.cli._common import JsonOpt, _print_json, app, console, out
 
 
 @app.command("export")
@@ -20,6 +18,7 @@ def export_cmd(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Another checkpoint file of the run."),
     name: str | None = typer.Option(None, "--name", help="Model name on the card [default: folder name]."),
     hardware: str | None = typer.Option(None, "--hardware", help="What the run trained on, for the card."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Export a run's backbone as a timm-compatible folder with a model card (recipe, data, time, k-NN).
 
@@ -27,14 +26,13 @@ def export_cmd(
 
     Example: dinokit export runs/fmnist --out fmnist-dino/ --which teacher
     """
-    from dinokit.hub import CheckpointError
     from dinokit.publish import export
 
-    try:
-        folder = export(run_dir, out_folder, which=which, checkpoint=checkpoint, name=name, hardware=hardware)
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        _fail(str(exc))
+    folder = export(run_dir, out_folder, which=which, checkpoint=checkpoint, name=name, hardware=hardware)
     info = json.loads((folder / "config.json").read_text()).get("dinokit_train", {})
+    if as_json:
+        _print_json({"folder": str(folder), "which": which, "run_dir": str(run_dir), "train": info})
+        return
     knn = info.get("knn") or {}
     top1 = f", k-NN top-1 {knn['top1']:.2f}%" if knn.get("top1") is not None else ""
     console.print(f"exported the {which} of {run_dir} ({info.get('iterations')} iterations{top1})", highlight=False)
@@ -49,6 +47,7 @@ def push_cmd(
     revision: str | None = typer.Option(None, "--revision", help="Branch to push to (created from main)."),
     token: str | None = typer.Option(None, "--token", help="Hub token; default HF_TOKEN or the saved login."),
     message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Upload an exported model folder to the Hugging Face Hub and print the commit URL.
 
@@ -56,12 +55,12 @@ def push_cmd(
 
     Example: dinokit push fmnist-dino/ --repo-id me/fmnist-dino --private
     """
-    from dinokit.publish import PushError, push
+    from dinokit.publish import push
 
-    try:
-        url = push(folder, repo_id, private=private, revision=revision, token=token, commit_message=message)
-    except (FileNotFoundError, ValueError, PushError) as exc:
-        _fail(str(exc))
+    url = push(folder, repo_id, private=private, revision=revision, token=token, commit_message=message)
+    if as_json:
+        _print_json({"url": url, "repo_id": repo_id, "folder": str(folder)})
+        return
     out.print(url, highlight=False, soft_wrap=True)
 
 
@@ -70,6 +69,7 @@ def plot_cmd(
     run_dir: Path = typer.Argument(..., help="A training run folder (log_iter.jsonl, log_knn.jsonl)."),
     out_png: Path | None = typer.Option(None, "--out", "-o", help="PNG to write [default: RUN_DIR/curves.png]."),
     x: str = typer.Option("iteration", "--x", help="x axis: iteration or minutes."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Draw loss, learning rate, teacher temperature and k-NN curves of a run to PNG.
 
@@ -79,10 +79,10 @@ def plot_cmd(
     """
     from dinokit.training.plot import plot_run
 
-    try:
-        path = plot_run(run_dir, out_png, x=x)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    path = plot_run(run_dir, out_png, x=x)
+    if as_json:
+        _print_json({"png": str(path), "run_dir": str(run_dir)})
+        return
     out.print(str(path), highlight=False, soft_wrap=True)
 
 

@@ -495,7 +495,7 @@ def knn_classify(
     train_labels: ArrayLike,
     test_features: ArrayLike,
     test_labels: ArrayLike,
-    k: int = 20,
+    k: int | Sequence[int] = 20,
     T: float = 0.07,
     *,
     num_classes: int | None = None,
@@ -503,13 +503,37 @@ def knn_classify(
     device: str | torch.device | None = None,
     backend: Backend = "torch",
     precision: Precision = "auto",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Official DINO weighted k-NN: ``{"top1": %, "top5": %}`` on the test set.
 
     train_features (N, D), train_labels (N,), test_features (Q, D), test_labels (Q,): tensors or
-    numpy arrays; features need not be normalized. See :func:`knn_classify_multi` for several k.
+    numpy arrays; features need not be normalized. ``k`` may be a list (``[10, 20, 100, 200]``):
+    then one neighbour search scores them all and the result is ``{k: {"top1", "top5"}}``. See
+    :func:`knn_classify_multi` for per-class accuracy and confusion matrices.
     """
-    res = knn_classify_multi(train_features, train_labels, test_features, test_labels, ks=(k,), T=T,
+    ks = [int(k)] if isinstance(k, (int, np.integer)) else [int(v) for v in k]
+    res = knn_classify_multi(train_features, train_labels, test_features, test_labels, ks=ks, T=T,
                              num_classes=num_classes, chunk_size=chunk_size, device=device, backend=backend,
-                             precision=precision)[k]
-    return {"top1": res["top1"], "top5": res["top5"]}
+                             precision=precision)
+    scores = {kk: {"top1": res[kk]["top1"], "top5": res[kk]["top5"]} for kk in ks}
+    return scores[ks[0]] if isinstance(k, (int, np.integer)) else scores
+
+
+def knn_report(results: dict[int, dict[str, Any]], classes: Sequence[str], *, T: float, features: str,
+               model: dict[str, Any], train: str, val: str, num_train: int,
+               skipped: Sequence[tuple[str, str]] = (), seconds: dict[str, float] | None = None
+               ) -> dict[str, Any]:
+    """The JSON-ready k-NN report of ``knn-eval``: scores, per-class accuracy and confusion per k.
+
+    ``results`` is :func:`knn_classify_multi`'s output; ``model`` says which model made the features.
+    """
+    num_val = next(iter(results.values()))["num_test"] if results else 0
+    return {
+        "model": model, "train": train, "val": val, "num_train": num_train, "num_val": num_val,
+        "classes": list(classes), "temperature": T, "features": features,
+        "results": {str(kk): {"top1": r["top1"], "top5": r["top5"],
+                              "per_class": dict(zip(classes, r["per_class"], strict=True)),
+                              "confusion": r["confusion"]} for kk, r in results.items()},
+        "skipped": [list(s) for s in skipped],
+        "seconds": dict(seconds or {}),
+    }

@@ -31,6 +31,7 @@ from torch import nn
 
 from dinokit._io import atomic_path
 from dinokit._types import Progress
+from dinokit.devices import resolve_device
 from dinokit.eval.knn import _metrics, rank_classes
 
 logger = logging.getLogger(__name__)
@@ -442,7 +443,7 @@ def linear_probe(
     tr = train if isinstance(train, LabeledData) else resolve_labeled(train, "train")
     va = align_classes(tr, val if isinstance(val, LabeledData) else resolve_labeled(val, "test"))
     kind = features or default_features(model)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     emb_kw = dict(features=kind, batch_size=batch_size or 64, device=dev, num_workers=num_workers,
                   image_size=image_size, use_cache=use_cache)
     xva, yva, skipped_va = embed_labeled(model, va, **emb_kw)
