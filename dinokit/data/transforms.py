@@ -65,7 +65,8 @@ def preprocessing_config(cfg_or_model: nn.Module | Mapping[str, Any] | None = No
     }
 
 
-def _rgb(img: Image.Image) -> Image.Image:
+def ensure_rgb(img: Image.Image) -> Image.Image:
+    """``img`` itself when already RGB, else :func:`to_rgb` of it (a transform step of every pipeline)."""
     # Module-level (not a lambda) so the transform pickles into DataLoader worker processes.
     return img if img.mode == "RGB" else to_rgb(img)
 
@@ -79,7 +80,7 @@ def eval_transform(cfg_or_model: nn.Module | Mapping[str, Any] | None = None,
     """
     p = preprocessing_config(cfg_or_model, image_size)
     return T.Compose([
-        T.Lambda(_rgb),
+        T.Lambda(ensure_rgb),
         T.Resize(p["resize_size"], interpolation=_INTERP[p["interpolation"]], antialias=True),
         T.CenterCrop(p["crop_size"]),
         T.ToTensor(),

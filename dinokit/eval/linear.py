@@ -338,21 +338,15 @@ class _AugmentedArray(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)), index
 
 
-def _rgb(img: Any) -> Any:
-    from dinokit.data.images import to_rgb
-
-    return img if img.mode == "RGB" else to_rgb(img)
-
-
 def train_transform(model: nn.Module, image_size: int | None = None) -> Callable[[Any], torch.Tensor]:
     """Official linear-eval train augmentation: RandomResizedCrop(S) + horizontal flip + normalize."""
     from torchvision import transforms as T
 
-    from dinokit.data.transforms import preprocessing_config
+    from dinokit.data.transforms import ensure_rgb, preprocessing_config
 
     p = preprocessing_config(model, image_size)
     return T.Compose([
-        T.Lambda(_rgb),
+        T.Lambda(ensure_rgb),
         T.RandomResizedCrop(p["crop_size"]),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
