@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dinokit.data import fashion_mnist
+from dinokit.data.images import labeled_folder
 
 
 @dataclass
@@ -72,7 +73,6 @@ def resolve_labeled(arg: str | os.PathLike[str], default_split: str = "train") -
         if len(images) == 0:
             raise ValueError(f"{arg}: no images selected")
         return LabeledData(images, labels.astype(np.int64), list(fashion_mnist.CLASSES), str(arg), None)
-    from dinokit.data.images import labeled_folder
 
     root = Path(arg)
     if not root.exists():

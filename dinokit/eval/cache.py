@@ -20,6 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinokit import embedding
+from dinokit.data.labeled import data_fingerprint
+from dinokit.data.transforms import preprocessing_config
+from dinokit.embedding import Embeddings, load_embeddings
+from dinokit.models.backbone import fingerprint
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -34,8 +40,6 @@ def cache_root() -> Path:
 def feature_cache_key(model: nn.Module, data_fp: str, *, features: str = "cls",
                       image_size: int | None = None) -> str:
     """Hex key for (model weights, data, preprocessing, feature kind)."""
-    from dinokit.data.transforms import preprocessing_config
-    from dinokit.models.backbone import fingerprint
 
     pre = preprocessing_config(model, image_size)
     payload = {
@@ -67,8 +71,6 @@ def cached_embed(
     A hit returns the stored features (and the stored list of skipped images) without running the
     model. ``use_cache=False`` neither reads nor writes the cache.
     """
-    from dinokit.data.labeled import data_fingerprint
-    from dinokit.embedding import Embeddings, embed, load_embeddings
 
     path = None
     if use_cache:
@@ -83,7 +85,7 @@ def cached_embed(
                 return Embeddings(emb.features, emb.paths, skipped, emb.info)
             except (ValueError, OSError) as e:  # a damaged cache file is recomputed, not fatal
                 logger.warning("%s: unreadable cache entry, recomputing (%s)", path, e)
-    emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
+    emb = embedding.embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
                 image_size=image_size, features=features, progress=progress)
     if path is not None:
         info = {**emb.info, "skipped": [list(s) for s in emb.skipped]}

@@ -27,12 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torchvision import transforms as T
 
 from dinokit._io import atomic_path
 from dinokit._types import Progress
+from dinokit.data.images import ImageDataset, collate_skipping
+from dinokit.data.labeled import LabeledData, align_classes, resolve_labeled
+from dinokit.data.transforms import ensure_rgb, preprocessing_config
 from dinokit.devices import resolve_device
+from dinokit.embedding import compute_features, default_num_workers, embed, feature_dim
+from dinokit.eval.cache import embed_labeled
 from dinokit.eval.knn import _metrics, rank_classes
+from dinokit.hub import load
+from dinokit.models.backbone import identity
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +91,6 @@ class LinearHead(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``.safetensors`` (weight, bias; classes, feature kind and info in the metadata), atomically."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +105,6 @@ class LinearHead(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LinearHead:
         """Read a head written by :meth:`save`."""
-        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -332,7 +341,6 @@ class _AugmentedArray(torch.utils.data.Dataset):
         return len(self.array)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
 
         a = self.array[index]
         return self.transform(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)), index
@@ -340,9 +348,7 @@ class _AugmentedArray(torch.utils.data.Dataset):
 
 def train_transform(model: nn.Module, image_size: int | None = None) -> Callable[[Any], torch.Tensor]:
     """Official linear-eval train augmentation: RandomResizedCrop(S) + horizontal flip + normalize."""
-    from torchvision import transforms as T
 
-    from dinokit.data.transforms import ensure_rgb, preprocessing_config
 
     p = preprocessing_config(model, image_size)
     return T.Compose([
@@ -357,8 +363,6 @@ def train_transform(model: nn.Module, image_size: int | None = None) -> Callable
 def _train_official(model: nn.Module, data: Any, head: LinearHead, *, epochs: int, lr: float, batch_size: int,
                     device: torch.device, num_workers: int, image_size: int | None, seed: int,
                     progress: Progress | None) -> tuple[list[dict[str, float]], list[tuple[str, str]]]:
-    from dinokit.data.images import ImageDataset, collate_skipping
-    from dinokit.embedding import compute_features
 
     tf = train_transform(model, image_size)
     ds = _AugmentedArray(data.images, tf) if isinstance(data.images, np.ndarray) else ImageDataset(data.images, tf)
@@ -427,11 +431,8 @@ def linear_probe(
     augmentation (defaults epochs 30, lr sweep, batch 1024). ``features`` defaults to the official
     choice for the architecture (:func:`default_features`). Unreadable images are skipped.
     """
-    from dinokit.data.labeled import LabeledData, align_classes, resolve_labeled
-    from dinokit.eval.cache import embed_labeled
 
     if isinstance(model, str):
-        from dinokit.hub import load
 
         model = load(model)
     tr = train if isinstance(train, LabeledData) else resolve_labeled(train, "train")
@@ -443,7 +444,6 @@ def linear_probe(
     xva, yva, skipped_va = embed_labeled(model, va, **emb_kw)
     ident: dict[str, Any] = {}
     try:
-        from dinokit.models.backbone import identity
 
         i = identity(model)
         ident = {"model": i["name"], "arch": i["arch"], "fingerprint": i["fingerprint"]}
@@ -456,7 +456,6 @@ def linear_probe(
                                     progress=progress)
         history: list[dict[str, float]] = []
     else:
-        from dinokit.embedding import default_num_workers, feature_dim
 
         torch.manual_seed(seed)
         head = LinearHead(feature_dim(model, kind), len(tr.classes), tr.classes, kind)
@@ -483,7 +482,6 @@ def classify(model: nn.Module, head: LinearHead, images: Any, *, topk: int = 1, 
 
     Returns ``([{"path", "label", "prob", "topk": [(label, prob), ...]}], skipped)``.
     """
-    from dinokit.embedding import embed
 
     emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
                 features=head.features, progress=progress)
