@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import typer
 
@@ -99,7 +99,7 @@ def knn_eval_cmd(
     import time
 
     from dinokit.eval.cache import embed_labeled
-    from dinokit.eval.knn import knn_classify_multi, knn_report
+    from dinokit.eval.knn import Backend, Precision, knn_classify_multi, knn_report
     from dinokit.models.backbone import identity
 
     ks = _parse_ks(k, list(ctx.args))
@@ -119,7 +119,7 @@ def knn_eval_cmd(
     if len(ytr) == 0 or len(yva) == 0:
         _fail("no readable images in the " + ("train" if len(ytr) == 0 else "val") + " set")
     res = knn_classify_multi(xtr, ytr, xva, yva, ks=ks, T=temperature, num_classes=len(tr.classes),
-                             backend=backend, precision=precision,
+                             backend=cast(Backend, backend), precision=cast(Precision, precision),
                              device=device if device is not None else "cpu" if backend == "faiss" else None)
     t2 = time.perf_counter()
     skipped = [*sk_tr, *sk_va]
