@@ -195,6 +195,7 @@ def test_model_card_holds_the_numbers(tiny_run: Path, tmp_path: Path) -> None:
     assert "1 of 1 epochs, 2 iterations, batch 16 x 1" in card
     assert "fashion-mnist:" in card and "local_crops_size: 14" in card  # data and the recipe
     assert "value: " + str(float(knn["top1"])) in card  # Hub model-index metadata
+    assert "license: apache-2.0" in card and "| license | apache-2.0 (these weights" in card
     info = json.loads((folder / "config.json").read_text())["dinokit_train"]
     assert info["knn"]["top1"] == knn["top1"] and info["iterations"] == 2
     assert info["config"]["optim"]["batch_size_per_gpu"] == 16
