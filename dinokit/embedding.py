@@ -29,8 +29,16 @@ from torch import nn
 from dinokit import distributed
 from dinokit._io import atomic_path, write_json
 from dinokit._types import Progress
-from dinokit.data.images import Batch, ImageError, Skipped, collate_skipping
-from dinokit.data.sources import ArrayDataset, Source, SourceDataset, open_source
+from dinokit.data.images import ImageError, Skipped, collate_skipping
+from dinokit.data.sources import (
+    ArrayDataset,
+    DeviceDecoder,
+    RawSourceDataset,
+    Source,
+    SourceDataset,
+    collate_raw,
+    open_source,
+)
 from dinokit.data.transforms import eval_transform, preprocessing_config
 from dinokit.devices import model_device, resolve_device
 from dinokit.shards import (
@@ -118,7 +126,9 @@ class EmbedOptions:
     batch_size: images per forward pass; device: None = the model's device, else CUDA if available
     (``cuda:<LOCAL_RANK>`` under torchrun); num_workers: decoding processes (None = cores - 1, at
     most 8); image_size: crop size (None = the model's); features: see :func:`compute_features`;
-    strict: stop at the first unreadable image instead of skipping it.
+    strict: stop at the first unreadable image instead of skipping it; decode: "cpu" (Pillow in the
+    DataLoader workers) or "device" (workers only read files; the embedding device decodes them,
+    JPEGs with nvJPEG on CUDA: for GPUs that CPU decoding cannot keep busy).
     """
 
     batch_size: int = 64
@@ -127,8 +137,11 @@ class EmbedOptions:
     image_size: int | None = None
     features: str = "cls"
     strict: bool = False
+    decode: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.decode not in ("cpu", "device"):
+            raise ValueError(f"decode={self.decode!r}: expected 'cpu' (Pillow in workers) or 'device'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers is not None and self.num_workers < 0:
@@ -359,40 +372,54 @@ def _as_model(model: nn.Module | str | os.PathLike[str]) -> nn.Module:
     return model
 
 
-def _loader(dataset: torch.utils.data.Dataset, opts: EmbedOptions, dev: torch.device,
-            batches: list[list[int]]) -> Iterable[Batch]:
-    """Batches of ``dataset`` in the given order: sliced when the data is ready model input in memory,
-    else decoded by DataLoader workers."""
+def _inputs(dataset: torch.utils.data.Dataset, source: Source, opts: EmbedOptions, dev: torch.device,
+            pre: dict[str, Any], batches: list[list[int]]
+            ) -> Iterator[tuple[torch.Tensor | None, list[int], list[Skipped]]]:
+    """Model input batches in the order of ``batches``: (x on ``dev`` or None, kept indices, skipped).
+
+    Ready model input in memory is sliced; files are decoded by DataLoader workers with Pillow, or,
+    with ``opts.decode == "device"``, only read by the workers and decoded on ``dev``
+    (:class:`~dinokit.data.sources.DeviceDecoder`: nvJPEG on CUDA).
+    """
     if isinstance(dataset, ArrayDataset) and dataset.transform is None:
         # Ready model input already in memory: slice it, no workers, no per-item copies.
-        x_all = dataset.array
-        return (Batch(x_all[b[0]:b[-1] + 1], torch.tensor(b)) for b in batches)
+        for b in batches:
+            yield dataset.array[b[0]:b[-1] + 1].to(dev), b, []
+        return
+    raw = opts.decode == "device" and isinstance(dataset, SourceDataset)
     workers = default_num_workers() if opts.num_workers is None else int(opts.num_workers)
     workers = min(workers, len(batches))
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping,
-        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+    loader = torch.utils.data.DataLoader(
+        RawSourceDataset(source) if raw else dataset, batch_sampler=batches, num_workers=workers,
+        collate_fn=collate_raw if raw else collate_skipping, pin_memory=dev.type == "cuda" and not raw,
+        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
+    decoder = DeviceDecoder(pre, dev, source.keys) if raw else None
+    for batch in loader:
+        if decoder is not None:
+            yield decoder(batch)
+        else:
+            x = batch.images.to(dev, non_blocking=True) if batch.images is not None else None
+            yield x, batch.indices.tolist(), list(batch.skipped)
 
 
 def _batches_of(start: int, stop: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
 
 
-def _forward(model: nn.Module, loader: Iterable[Batch], dev: torch.device, opts: EmbedOptions
+def _forward(model: nn.Module, inputs: Iterable[tuple[torch.Tensor | None, list[int], list[Skipped]]],
+             dev: torch.device, opts: EmbedOptions
              ) -> Iterator[tuple[torch.Tensor | None, list[int], list[Skipped]]]:
-    """Run the model over batches: (features (b, ...) float32 CPU or None, kept indices, skipped)."""
+    """Run the model over input batches: (features (b, ...) float32 CPU or None, kept indices, skipped)."""
     use_bf16 = dev.type == "cuda"
-    for batch in loader:
-        if opts.strict and batch.skipped:
-            s = batch.skipped[0]
-            raise ImageError(s.path, s.reason)
+    for x, idx, bad in inputs:
+        if opts.strict and bad:
+            raise ImageError(bad[0].path, bad[0].reason)
         y = None
-        if batch.images is not None:
-            x = batch.images.to(dev, non_blocking=True)
+        if x is not None:
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 y = compute_features(model, x, opts.features).float().cpu()
-        yield y, batch.indices.tolist(), list(batch.skipped)
+        yield y, idx, bad
 
 
 # ------------------------------------------------------------------------------------ embed
@@ -422,7 +449,8 @@ def embed(
     dev = _device(model, opts.device)
     dataset, source, decodes = _dataset(images, eval_transform(model, opts.image_size))
     total = len(dataset)
-    loader = _loader(dataset, opts, dev, _batches_of(0, total, opts.batch_size))
+    pre = preprocessing_config(model, opts.image_size)
+    inputs = _inputs(dataset, source, opts, dev, pre, _batches_of(0, total, opts.batch_size))
     chunks: list[torch.Tensor] = []
     kept: list[int] = []
     skipped: list[Skipped] = []
@@ -430,7 +458,7 @@ def embed(
     was_training = model.training
     model = model.to(dev).eval()
     with torch.inference_mode(), _restore_mode(model, was_training):
-        for y, idx, bad in _forward(model, loader, dev, opts):
+        for y, idx, bad in _forward(model, inputs, dev, opts):
             if y is not None:
                 chunks.append(y)
                 kept.extend(idx)
@@ -606,10 +634,11 @@ def _run_my_shards(model: nn.Module, dev: torch.device, source: Source, out: Pat
     report = progress if distributed.is_main_process() else None
     batches = [b for i in todo for b in _batches_of(*plan[i], opts.batch_size)]
     owners = [i for i in todo for _ in _batches_of(*plan[i], opts.batch_size)]
-    loader = _loader(SourceDataset(source, eval_transform(model, opts.image_size)), opts, dev, batches)
+    dataset = SourceDataset(source, eval_transform(model, opts.image_size))
+    inputs = _inputs(dataset, source, opts, dev, preprocessing_config(model, opts.image_size), batches)
     acc = _ShardBuffer(out, plan, source, job["format"], job["feature_shape"])
     with torch.inference_mode():
-        for owner, (y, idx, bad) in zip(owners, _forward(model, loader, dev, opts), strict=True):
+        for owner, (y, idx, bad) in zip(owners, _forward(model, inputs, dev, opts), strict=True):
             if acc.index is not None and owner != acc.index:
                 records.append(acc.flush())
             acc.add(owner, y, idx, bad)

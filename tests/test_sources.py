@@ -138,3 +138,29 @@ def test_tar_bad_members_and_damaged_tars_are_reported(tmp_path: Path, images: P
     # the good images of a.tar and the first sample of the damaged b.tar are embedded, nothing else
     assert [p.rsplit("/", 1)[1] for p in e.paths] == NAMES[:3]
     torch.testing.assert_close(e.features, ref[:3], atol=1e-6, rtol=0)
+
+
+def test_device_decode_matches_pillow_path(tmp_path: Path, images: Path, tiny_vit: torch.nn.Module) -> None:
+    """decode="device" (workers read bytes, torchvision decodes and resizes on the model's device: the GPU
+    path, run here on the CPU) gives the Pillow path's rows, skips and nearly its features."""
+    rng = np.random.default_rng(3)
+    for i in range(3):  # JPEGs (the nvJPEG path on CUDA), one with an EXIF rotation, and a CMYK TIFF
+        Image.fromarray(rng.integers(0, 256, (40, 28, 3), dtype=np.uint8)).save(images / f"j{i}.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(images / "j0.jpg").save(images / "j0_rot.jpg", quality=95, exif=exif.tobytes())
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).convert("CMYK").save(images / "k.tiff")
+    words = write_bad_files(images / "bad")
+    ref = embed(tiny_vit, images, batch_size=4, num_workers=0, image_size=32)
+    dev = embed(tiny_vit, images, batch_size=4, num_workers=1, image_size=32, decode="device")
+    assert dev.paths == ref.paths and len(ref.paths) == len(NAMES) + 5
+    assert dict(dev.skipped).keys() == dict(ref.skipped).keys() == {f"bad/{n}" for n in words}
+    for name, word in words.items():
+        assert word in dict(dev.skipped)[f"bad/{name}"]
+    # tensor resize vs Pillow resize: the same image up to interpolation rounding
+    cos = torch.nn.functional.cosine_similarity(dev.features, ref.features)
+    assert cos.min() > 0.99, cos
+    rot = dev.paths.index("j0_rot.jpg")
+    assert (dev.features[rot] - dev.features[dev.paths.index("j0.jpg")]).abs().max() > 1e-3  # EXIF applied
+    with pytest.raises(ValueError, match="decode='gpu'"):
+        embed(tiny_vit, images, decode="gpu")

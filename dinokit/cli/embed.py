@@ -28,6 +28,8 @@ def embed_cmd(
                                           "the resize keeps DINO's 256/224 ratio."),
     features: str = typer.Option("cls", "--features", help="cls, cls+avgpool, last4 (any lastN) or patch."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
+    decode: str = typer.Option("cpu", "--decode", help="cpu: Pillow in the workers; device: workers read files, "
+                               "the model's device decodes (nvJPEG on CUDA)."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Images per shard (folder output)."),
     fmt: str = typer.Option("parquet", "--format", help="Shard files (folder output): parquet or npy."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed job in --out: keep the shards whose "
@@ -50,7 +52,7 @@ def embed_cmd(
         _fail(f"{out}: under torchrun --out must be a folder (shards + manifest.json)")
     try:
         opts = EmbedOptions(batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
-                            features=features, strict=strict)
+                            features=features, strict=strict, decode=decode)
         net = load(model)
         summary = _to_file(net, images, out, opts) if to_file else _to_folder(
             net, images, out, opts, shard_size, fmt, resume)

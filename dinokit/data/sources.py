@@ -306,3 +306,122 @@ def _list_tar(tar: str, src: Source, columns: dict[str, list[Any]]) -> None:
         src.locations.append(member)
         for c in _TAR_META:
             columns[c].append(sample.get(c))
+
+
+# ------------------------------------------------------------------------------------ device decode
+
+
+class RawBatch(NamedTuple):
+    """Encoded files of a batch (1-D uint8 tensors), their item indices, and the items not readable."""
+
+    data: list[torch.Tensor]
+    indices: list[int]
+    keys: list[str]
+    skipped: list[Skipped]
+
+
+def read_bytes(location: Location, key: str) -> bytes:
+    """The encoded bytes of one item; :class:`ImageError` naming ``key`` when unreadable."""
+    if isinstance(location, str):
+        try:
+            with open(location, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageError(key, f"cannot read file ({e.strerror or e})") from e
+    else:
+        try:
+            with open(location.tar, "rb") as f:
+                data = os.pread(f.fileno(), location.size, location.offset)
+        except OSError as e:
+            raise ImageError(key, f"cannot read tar ({e.strerror or e})") from e
+        if len(data) < location.size:
+            raise ImageError(key, f"truncated tar member ({len(data)} of {location.size} bytes)")
+    if not data:
+        raise ImageError(key, "empty file")
+    return data
+
+
+class RawSourceDataset(torch.utils.data.Dataset):
+    """Items of a :class:`Source` -> ``(encoded bytes as a uint8 tensor, index)``: workers only read files,
+    the embedding device decodes (``EmbedOptions.decode="device"``)."""
+
+    def __init__(self, source: Source) -> None:
+        self.keys, self.locations = source.keys, source.locations
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Skipped:
+        key = self.keys[index]
+        try:
+            data = read_bytes(self.locations[index], key)
+        except ImageError as e:
+            return Skipped(index, key, e.reason)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), index
+
+
+def collate_raw(items: Sequence[Any]) -> RawBatch:
+    good = [it for it in items if not isinstance(it, Skipped)]
+    return RawBatch([d for d, _ in good], [i for _, i in good], [], [it for it in items if isinstance(it, Skipped)])
+
+
+class DeviceDecoder:
+    """Decode and preprocess a :class:`RawBatch` on ``device``: JPEGs in one batched
+    ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA), other formats with ``decode_image`` on the CPU
+    and, when torchvision cannot read a file, Pillow (which also names the reason for a bad one). Then
+    resize (antialiased) + center crop + normalize as ``eval_transform`` does, on tensors.
+    Returns ``(x (B, 3, S, S) float32 on device, kept indices, skipped)``.
+    """
+
+    def __init__(self, pre: dict[str, Any], device: torch.device, keys: list[str]) -> None:
+        self.pre, self.device, self.keys = pre, device, keys
+        self.mean = torch.tensor(pre["mean"], device=device).view(3, 1, 1)
+        self.std = torch.tensor(pre["std"], device=device).view(3, 1, 1)
+
+    def __call__(self, raw: RawBatch) -> tuple[torch.Tensor | None, list[int], list[Skipped]]:
+        decoded = self._decode(raw)
+        kept = [i for i, img in zip(raw.indices, decoded, strict=True) if isinstance(img, torch.Tensor)]
+        bad = list(raw.skipped) + [Skipped(i, self.keys[i], img) for i, img in zip(raw.indices, decoded, strict=True)
+                                   if isinstance(img, str)]
+        imgs = [self._preprocess(img) for img in decoded if isinstance(img, torch.Tensor)]
+        return (torch.stack(imgs) if imgs else None), kept, bad
+
+    def _decode(self, raw: RawBatch) -> list[torch.Tensor | str]:
+        # torchvision is imported here: only the device-decode path needs its io module.
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[torch.Tensor | str] = [""] * len(raw.data)
+        jpeg = [k for k, d in enumerate(raw.data) if len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8]
+        if jpeg and self.device.type == "cuda":
+            try:
+                imgs = decode_jpeg([raw.data[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device,
+                                   apply_exif_orientation=True)
+                for k, img in zip(jpeg, imgs, strict=True):
+                    out[k] = img
+            except RuntimeError as e:  # one bad file fails the batch call: decode one by one below
+                log.debug("batched GPU decode failed (%s); decoding one by one", e)
+        for k, d in enumerate(raw.data):
+            if not isinstance(out[k], torch.Tensor):
+                out[k] = self._decode_one(d, self.keys[raw.indices[k]])
+        return out
+
+    def _decode_one(self, data: torch.Tensor, key: str) -> torch.Tensor | str:
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True).to(self.device)
+        except (RuntimeError, ValueError):
+            try:  # formats and modes torchvision does not read (CMYK TIFF, 16-bit, palettes): Pillow
+                img = decode_rgb(io.BytesIO(data.numpy().tobytes()), key)
+            except ImageError as e:
+                return e.reason
+            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(self.device)
+
+    def _preprocess(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> normalized float (3, S, S), as eval_transform does with PIL."""
+        import torchvision.transforms.v2.functional as F
+
+        p = self.pre
+        img = F.resize(img, [p["resize_size"]], interpolation=F.InterpolationMode(p["interpolation"]), antialias=True)
+        img = F.center_crop(img, [p["crop_size"], p["crop_size"]])
+        return (img.float() / 255.0 - self.mean) / self.std
