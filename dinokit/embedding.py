@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -384,7 +384,7 @@ def _inputs(dataset: torch.utils.data.Dataset, source: Source, opts: EmbedOption
     if isinstance(dataset, ArrayDataset) and dataset.transform is None:
         # Ready model input already in memory: slice it, no workers, no per-item copies.
         for b in batches:
-            yield dataset.array[b[0]:b[-1] + 1].to(dev), b, []
+            yield torch.as_tensor(dataset.array[b[0]:b[-1] + 1]).to(dev), b, []
         return
     raw = opts.decode == "device" and isinstance(dataset, SourceDataset)
     workers = default_num_workers() if opts.num_workers is None else int(opts.num_workers)
@@ -448,7 +448,7 @@ def embed(
     model = _as_model(model)
     dev = _device(model, opts.device)
     dataset, source, decodes = _dataset(images, eval_transform(model, opts.image_size))
-    total = len(dataset)
+    total = len(source)
     pre = preprocessing_config(model, opts.image_size)
     inputs = _inputs(dataset, source, opts, dev, pre, _batches_of(0, total, opts.batch_size))
     chunks: list[torch.Tensor] = []
@@ -546,11 +546,11 @@ def embed_to_folder(
         _on_rank0_then_all(lambda: _start_job(out, job, resume))
         plan = plan_shards(len(source), shard_size)
         records = _run_my_shards(model, dev, source, out, plan, opts, job, resume, progress)
-    parts = distributed.all_gather_object(records)
+    parts = cast(list[list[dict[str, Any]]], distributed.all_gather_object(records))
     result: dict[str, Any] | str | None = None
     if distributed.is_main_process():
         try:
-            result = _finish_job(out, job, plan, source, [r for part in parts for r in part])  # type: ignore[union-attr]
+            result = _finish_job(out, job, plan, source, [r for part in parts for r in part])
         except (OSError, RuntimeError) as e:  # told to every rank, so none waits for a manifest
             result = str(e)
         if progress is not None:
