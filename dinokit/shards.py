@@ -73,9 +73,11 @@ def _parquet_table(features: np.ndarray, paths: list[str], metadata: Columns, in
     import pyarrow as pa
 
     n = len(paths)
-    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(n, -1)
-    width = flat.shape[1] if flat.ndim == 2 else 0
-    feats = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), width)
+    if len(features) != n:
+        raise ValueError(f"{len(features)} feature rows but {n} paths")
+    width = int(np.prod(features.shape[1:], dtype=np.int64))  # (n, P, D) patch features: P * D per row
+    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(-1)
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), width)
     cols: dict[str, Any] = {"path": pa.array(paths, type=pa.string())}
     for name, values in metadata.items():
         if name in ("path", "features"):

@@ -285,3 +285,19 @@ def test_cli_folder_output_resume_and_file_output(tmp_path: Path, images: Path, 
     res = runner.invoke(app, [*args[:5], str(tmp_path / "f.parquet"), *args[6:]])
     assert res.exit_code == 0, res.output
     assert load_embeddings(tmp_path / "f.parquet").paths == one_process.paths
+
+
+def test_empty_and_patch_shards_roundtrip(tmp_path: Path) -> None:
+    """A shard whose images were all unreadable, and (N, P, D) patch features, in both formats."""
+    from dinokit.shards import read_shard, write_shard
+
+    patch = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    for k, fmt in enumerate(("parquet", "npy")):
+        rec = write_shard(tmp_path, 2 * k, 4, (0, 1), np.empty((0, 3, 4), np.float32), [], {}, [("a.png", "empty file")],
+                          fmt)
+        feats, paths, meta = read_shard(tmp_path, rec, [3, 4])
+        assert feats.shape == (0, 3, 4) and paths == [] and rec["skipped"] == [{"path": "a.png", "reason": "empty file"}]
+        rec = write_shard(tmp_path, 2 * k + 1, 4, (1, 3), patch, ["x", "y"], {"c": [1, 2]}, [], fmt)
+        feats, paths, meta = read_shard(tmp_path, rec, [3, 4])
+        np.testing.assert_array_equal(feats, patch)
+        assert paths == ["x", "y"] and meta == {"c": [1, 2]}

@@ -144,16 +144,17 @@ def test_device_decode_matches_pillow_path(tmp_path: Path, images: Path, tiny_vi
     """decode="device" (workers read bytes, torchvision decodes and resizes on the model's device: the GPU
     path, run here on the CPU) gives the Pillow path's rows, skips and nearly its features."""
     rng = np.random.default_rng(3)
-    for i in range(3):  # JPEGs (the nvJPEG path on CUDA), one with an EXIF rotation, and a CMYK TIFF
+    for i in range(3):  # JPEGs (the nvJPEG path on CUDA), one with an EXIF rotation, a CMYK TIFF, a 16-bit PNG
         Image.fromarray(rng.integers(0, 256, (40, 28, 3), dtype=np.uint8)).save(images / f"j{i}.jpg", quality=95)
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.open(images / "j0.jpg").save(images / "j0_rot.jpg", quality=95, exif=exif.tobytes())
     Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).convert("CMYK").save(images / "k.tiff")
+    Image.fromarray(rng.integers(0, 65536, (20, 26), dtype=np.uint16)).save(images / "i16.png")  # 16-bit gray
     words = write_bad_files(images / "bad")
     ref = embed(tiny_vit, images, batch_size=4, num_workers=0, image_size=32)
     dev = embed(tiny_vit, images, batch_size=4, num_workers=1, image_size=32, decode="device")
-    assert dev.paths == ref.paths and len(ref.paths) == len(NAMES) + 5
+    assert dev.paths == ref.paths and len(ref.paths) == len(NAMES) + 6
     assert dict(dev.skipped).keys() == dict(ref.skipped).keys() == {f"bad/{n}" for n in words}
     for name, word in words.items():
         assert word in dict(dev.skipped)[f"bad/{name}"]

@@ -409,7 +409,10 @@ class DeviceDecoder:
         from torchvision.io import ImageReadMode, decode_image
 
         try:
-            return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True).to(self.device)
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            if img.dtype != torch.uint8:  # 16-bit PNGs: Pillow's path scales them as load_rgb does
+                raise ValueError(f"{img.dtype} image")
+            return img.to(self.device)
         except (RuntimeError, ValueError):
             try:  # formats and modes torchvision does not read (CMYK TIFF, 16-bit, palettes): Pillow
                 img = decode_rgb(io.BytesIO(data.numpy().tobytes()), key)
