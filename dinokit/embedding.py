@@ -263,7 +263,9 @@ def _read_file(path: Path) -> Embeddings:
 
 def iter_embeddings(path: str | os.PathLike[str], *, verify: bool = False) -> Iterator[Embeddings]:
     """Stream a feature folder shard by shard (one :class:`Embeddings` each, in item order), or yield a
-    single feature file whole. ``verify=True`` checks each shard's sha256 before reading it.
+    single feature file whole. ``verify=True`` checks each shard's sha256 before reading it. Each
+    shard's ``info`` adds ``shard`` (its index), ``items`` (its input range) and ``row_offset`` (the
+    global row number of its first row, as in :func:`load_embeddings`).
 
     Memory stays at one shard, so sets larger than memory can be indexed or scanned.
     """
@@ -277,6 +279,7 @@ def iter_embeddings(path: str | os.PathLike[str], *, verify: bool = False) -> It
         raise ValueError(f"{path}: unfinished embedding job ({done} of {n_shards_of(manifest)} shards); "
                          "rerun the same command with --resume")
     info = _info_of(manifest)
+    row = 0
     for rec in manifest["shards"]:
         if verify and complete_record(path, rec["index"], n_shards_of(manifest), tuple(rec["items"])) is None:
             raise ValueError(f"{path / rec['files']['features']}: checksum mismatch or missing shard file")
@@ -285,7 +288,10 @@ def iter_embeddings(path: str | os.PathLike[str], *, verify: bool = False) -> It
         except (OSError, KeyError) as e:
             raise ValueError(f"{path}: shard {rec.get('index')} unreadable ({type(e).__name__}: {e})") from e
         skipped = [(s["path"], s["reason"]) for s in rec.get("skipped", [])]
-        yield Embeddings(torch.from_numpy(arr), paths, skipped, info, meta)
+        # where the shard sits: global row numbers row_offset.. are stable ids for an index built from it
+        where = {"shard": rec["index"], "items": rec["items"], "row_offset": row}
+        row += len(paths)
+        yield Embeddings(torch.from_numpy(arr), paths, skipped, {**info, **where}, meta)
 
 
 def _info_of(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -92,6 +92,8 @@ def test_folder_layout_manifest_and_readers(tmp_path: Path, model: torch.nn.Modu
     torch.testing.assert_close(back.features, reference.features, atol=0, rtol=0)
     parts = list(iter_embeddings(out, verify=True))
     assert [len(p) for p in parts] == [11, 12, 12, 5]
+    assert [(p.info["shard"], p.info["row_offset"], p.info["items"]) for p in parts] == [
+        (0, 0, [0, 12]), (1, 11, [12, 24]), (2, 23, [24, 36]), (3, 35, [36, 41])]
     assert torch.equal(torch.cat([p.features for p in parts]), back.features)
     assert repr(back) == "Embeddings(40 x 256 float32, features=cls, model=" + str(MODEL) + ", skipped=1)"
     if fmt == "npy":
