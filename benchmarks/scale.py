@@ -10,6 +10,13 @@ median images/s per process count is reported, and the 2-process features are co
 
     .venv/bin/python benchmarks/scale.py --images 192 --rounds 2
 
+Decode check (for a session with a GPU; the issue's embedding row for gpu_check.sh): one process,
+ViT-S/16 and ViT-B/14 (random init, 224 px), Pillow decoding in workers vs `decode="device"`
+(nvJPEG on CUDA), images/s of `embed()` over the same JPEG folder, one JSON line per row:
+
+    .venv/bin/python benchmarks/scale.py --decode-check --device cuda --images 2048 --batch-size 256
+    .venv/bin/python benchmarks/scale.py --decode-check --device cpu --images 16 --batch-size 8   # dry run
+
 TODO(index store): the issue's 10M-vector (clustered, 384-d) index build under a 4 GB budget
 (build time, peak RSS, recall@10, queries/s) belongs here once `dinokit index build --features DIR
 --memory-budget` exists (the index-store work); it will stream `dinokit.iter_embeddings(DIR)`.
@@ -27,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -73,6 +82,33 @@ def run(nproc: int, model_dir: Path, images: Path, out: Path, batch_size: int, s
     return row
 
 
+def decode_check(args: argparse.Namespace) -> None:
+    """images/s of embed() with Pillow decoding in workers vs decoding on the device, two model sizes."""
+    import time
+
+    from embed import make_jpegs
+
+    from dinokit.embedding import embed
+    from dinokit.models.backbone import create_backbone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        make_jpegs(folder, args.images, args.size)
+        for arch in ("vit_small_patch16_224", "vit_base_patch14_dinov2"):
+            torch.manual_seed(0)
+            model = create_backbone(arch, img_size=224).eval().to(args.device)
+            for decode in ("cpu", "device"):
+                embed(model, folder, batch_size=args.batch_size, device=args.device, decode=decode)  # warm-up
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                e = embed(model, folder, batch_size=args.batch_size, device=args.device, decode=decode)
+                seconds = time.perf_counter() - t0
+                print(json.dumps({"check": "embed_decode", "arch": arch, "decode": decode, "device": args.device,
+                                  "images": len(e), "batch_size": args.batch_size, "jpeg_size": args.size,
+                                  "images_per_s": round(len(e) / seconds, 1)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=192)
@@ -80,7 +116,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decode-check", action="store_true", help="Pillow vs device decoding, one process")
+    ap.add_argument("--device", default="cpu", help="for --decode-check: cuda or cpu")
     args = ap.parse_args()
+    if args.decode_check:
+        decode_check(args)
+        return
 
     from embed import make_jpegs, random_vit_s16
 
