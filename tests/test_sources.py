@@ -140,6 +140,7 @@ def test_tar_bad_members_and_damaged_tars_are_reported(tmp_path: Path, images: P
     torch.testing.assert_close(e.features, ref[:3], atol=1e-6, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29 points to TorchCodec
 def test_device_decode_matches_pillow_path(tmp_path: Path, images: Path, tiny_vit: torch.nn.Module) -> None:
     """decode="device" (workers read bytes, torchvision decodes and resizes on the model's device: the GPU
     path, run here on the CPU) gives the Pillow path's rows, skips and nearly its features."""
