@@ -98,6 +98,7 @@ def knn_eval_cmd(
     """
     import time
 
+    from dinokit.embedding import EmbedOptions
     from dinokit.eval.cache import embed_labeled
     from dinokit.eval.knn import Backend, Precision, knn_classify_multi, knn_report
     from dinokit.models.backbone import identity
@@ -109,12 +110,12 @@ def knn_eval_cmd(
         _fail(f"--backend {backend!r} / --precision {precision!r}: expected torch|faiss and auto|fp32|bf16")
     net, tr, va = _load_eval_data(model, train, val)
     t0 = time.perf_counter()
-    kw = dict(features=features, batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
-              use_cache=not no_cache)
+    opts = EmbedOptions(features=features, batch_size=batch_size, device=device, num_workers=workers,
+                        image_size=image_size)
     with progress_bar("embedding train") as update:
-        xtr, ytr, sk_tr = embed_labeled(net, tr, progress=update, **kw)
+        xtr, ytr, sk_tr = embed_labeled(net, tr, opts, use_cache=not no_cache, progress=update)
     with progress_bar("embedding val") as update:
-        xva, yva, sk_va = embed_labeled(net, va, progress=update, **kw)
+        xva, yva, sk_va = embed_labeled(net, va, opts, use_cache=not no_cache, progress=update)
     t1 = time.perf_counter()
     if len(ytr) == 0 or len(yva) == 0:
         _fail("no readable images in the " + ("train" if len(ytr) == 0 else "val") + " set")
