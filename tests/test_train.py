@@ -12,6 +12,7 @@ import torch
 import dinokit
 from dinokit.data.fashion_mnist import load_fashion_mnist
 from dinokit.data.multicrop import MultiCropSpec, TensorMultiCrop
+from dinokit.eval.monitor import KNNMonitor
 from dinokit.training.checkpoint import load_checkpoint
 from dinokit.training.config import TrainConfig
 from dinokit.training.loop import TrainingDiverged, build_models
@@ -44,7 +45,8 @@ def test_image_folder_run_writes_logs_and_official_checkpoint(tmp_path: Path, fm
                optim__epochs=2, optim__lr=0.01, saveckp_freq=1, knn__train_source=str(fmnist_folders["train"]),
                knn__val_source=str(fmnist_folders["val"]), knn__k=5)
     seen: list[tuple[int, int, dict[str, Any]]] = []
-    summary = dinokit.train(cfg, tmp_path / "run", progress=lambda d, t, s: seen.append((d, t, s)))
+    summary = dinokit.train(cfg, tmp_path / "run", progress=lambda d, t, s: seen.append((d, t, s)),
+                            callbacks=[KNNMonitor.from_config(cfg)])
     run = tmp_path / "run"
     ipe = 200 // 16
     assert summary["iterations"] == 2 * ipe and summary["epochs_completed"] == 2 and summary["stopped"] is None
@@ -173,7 +175,7 @@ def test_cli_train_runs_a_recipe_and_names_bad_keys(tmp_path: Path) -> None:
 
 
 def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) -> None:
-    from dinokit.training.loop import choose_precision
+    from dinokit.training.precision import choose_precision
 
     cfg = _cfg(data__source="fashion-mnist#32", optim__epochs=1, max_iterations=1)
     torch.manual_seed(123)
@@ -197,7 +199,7 @@ def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) 
 
 
 def test_attention_switch_keeps_the_numbers(tiny_vit: torch.nn.Module) -> None:
-    from dinokit.training.loop import set_fused_attention, use_fused_attention
+    from dinokit.training.precision import set_fused_attention, use_fused_attention
 
     cpu = torch.device("cpu")
     assert use_fused_attention(TrainConfig(), cpu, "bf16") is False
