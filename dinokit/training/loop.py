@@ -25,7 +25,7 @@ from dinokit.training.checkpoint import Checkpointer
 from dinokit.training.config import TrainConfig, load_config, require_source
 from dinokit.training.data import TrainData, build_train_data
 from dinokit.training.models import build_models, load_init, place_models
-from dinokit.training.precision import choose_precision
+from dinokit.training.precision import choose_precision, probe_views
 from dinokit.training.runlog import ProgressFn, RunLog, progress_reporter, write_run_config
 from dinokit.training.state import TrainingDiverged, TrainState, step
 from dinokit.training.stop import Clock, StopPolicy
@@ -64,12 +64,11 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
     state, data = _build(cfg, device, rank, None if saved else init)
     clock = Clock(ckpt.restore(state, saved) if saved else 0.0)  # from here on, time counts in max_minutes
     start = state.iteration
-    batches = data.batches(start, state.total_iterations) if start < state.total_iterations else iter(())
-    first = next(batches, None)
     if saved:
         state.prepare(str(saved.get("precision", "fp32")), saved.get("fp16_scaler"))
     else:
-        state.prepare(_initial_precision(state, first, main))
+        state.prepare(_initial_precision(state, main))
+    batches = data.batches(start, state.total_iterations) if start < state.total_iterations else iter(())
     log.info("training %s on %s: %d images, %d iterations/epoch x %d epochs, total batch %d, %d crops, %s",
              cfg.model.arch, device, data.num_samples, state.iterations_per_epoch, cfg.optim.epochs,
              data.global_batch, 2 + cfg.data.local_crops_number, state.precision)
@@ -77,21 +76,21 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
     hooks = Callbacks(callbacks if main else (), compiled=cfg.compile)
     t_loop = time.perf_counter()
     try:
-        stopped = _iterate(state, _chain(first, batches), ckpt, run_log, hooks, StopPolicy.from_config(cfg, device),
+        stopped = _iterate(state, batches, ckpt, run_log, hooks, StopPolicy.from_config(cfg, device),
                            clock, progress_reporter(progress if main else None, run_log))
     except TrainingDiverged as e:
         raise TrainingDiverged(f"{e}. Last good checkpoint: {ckpt.last_good()}") from None
     if start >= state.total_iterations:
         log.info("%s: training already complete (%d iterations)", ckpt.path, state.total_iterations)
-    it = state.iteration
-    run_log.callback_records(hooks.at_end(state.teacher.backbone, it // state.iterations_per_epoch, it, clock.elapsed()))
+    it, elapsed = state.iteration, clock.elapsed()  # training time: the final callbacks are not part of it
+    run_log.callback_records(hooks.at_end(state.teacher.backbone, it // state.iterations_per_epoch, it, elapsed))
     summary = {
         "run_dir": str(run_dir), "checkpoint": str(ckpt.path), "epochs_completed": it // state.iterations_per_epoch,
         "iterations": it, "iterations_per_epoch": state.iterations_per_epoch,
         "final_loss": run_log.last_loss if math.isfinite(run_log.last_loss) else None, "stopped": stopped,
         "precision": state.precision, "device": str(device), "world_size": distributed.get_world_size(),
         "images_per_s": (it - start) * data.global_batch / max(time.perf_counter() - t_loop, 1e-9),
-        "train_time_s": clock.elapsed(), "knn": run_log.last_record,
+        "train_time_s": elapsed, "knn": run_log.last_record,
     }
     run_log.summary(summary)
     distributed.barrier()
@@ -127,22 +126,18 @@ def _build(cfg: TrainConfig, device: torch.device, rank: int, init: str | None) 
     world = distributed.get_world_size()
     channels_last = place_models(student, teacher, cfg, device, world)
     data = build_train_data(cfg, device, rank, world, channels_last)
-    state = TrainState.create(cfg, device, student, teacher, data.iterations_per_epoch, data.global_batch, rank)
+    state = TrainState.create(cfg, device, student, teacher, data.iterations_per_epoch, data.global_batch, rank,
+                              channels_last)
     return state, data
 
 
-def _initial_precision(state: TrainState, first: list[torch.Tensor] | None, main: bool) -> str:
-    """Rank 0 chooses (a probe on "auto" CPUs with native bf16); every rank uses its choice."""
-    cfg = state.cfg
-    choice = choose_precision(cfg, state.device, state.student, state.teacher, first) \
-        if main or cfg.precision != "auto" else "fp32"
+def _initial_precision(state: TrainState, main: bool) -> str:
+    """Rank 0 chooses (a probe on "auto" CPUs with native bf16, before data loading starts); all ranks use it."""
+    cfg, choice = state.cfg, "fp32"
+    if main or cfg.precision != "auto":
+        views = probe_views(cfg, state.device, state.channels_last) if cfg.precision == "auto" else None
+        choice = choose_precision(cfg, state.device, state.student, state.teacher, views)
     return str(distributed.broadcast_object(choice))
-
-
-def _chain(first: list[torch.Tensor] | None, rest: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
-    if first is not None:
-        yield first
-        yield from rest
 
 
 def _iterate(state: TrainState, batches: Iterator[list[torch.Tensor]], ckpt: Checkpointer, run_log: RunLog,

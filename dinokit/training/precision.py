@@ -2,8 +2,9 @@
 
 "auto": bf16 on CUDA (fp16 where bf16 is missing); on a CPU without native bf16 (AVX2-only: oneDNN
 emulates bf16 up to ~50x slower) fp32 at once, with no measurement; on a CPU with AVX512-BF16 or AMX,
-one small timed step per precision on a slice of the first batch, the bf16 one cut off as soon as it
-is no longer faster. The choice is logged on ``dinokit.training.precision`` (the CLI shows it).
+one small timed step per precision on ``PROBE_IMAGES`` images per view (the training shapes), the
+bf16 one cut off as soon as it is no longer faster. The choice is logged on
+``dinokit.training.precision`` (the CLI shows it).
 """
 
 from __future__ import annotations
@@ -60,11 +61,25 @@ def set_fused_attention(model: nn.Module, enabled: bool | None) -> int:
     return n
 
 
+def probe_views(cfg: TrainConfig, device: torch.device, channels_last: bool = False,
+                n: int = PROBE_IMAGES) -> list[torch.Tensor]:
+    """Random views with the training shapes: 2 x (n, 3, G, G) and local_crops_number x (n, 3, L, L).
+
+    Made before the data loader starts, so its worker processes do not compete with the timing.
+    """
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    d = cfg.data
+    sizes = [d.global_crops_size] * 2 + [d.local_crops_size] * d.local_crops_number
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [torch.randn(n, 3, s, s, generator=gen).to(device).contiguous(memory_format=fmt) for s in sizes]
+
+
 def choose_precision(cfg: TrainConfig, device: torch.device, student: nn.Module, teacher: nn.Module,
                      crops: list[torch.Tensor] | None) -> str:
     """fp32/bf16/fp16 as configured, or the "auto" choice (see the module doc); the networks are not touched.
 
-    crops: the first batch's views [(B, 3, S, S), ...]; only ``PROBE_IMAGES`` images of each are used.
+    crops: views [(B, 3, S, S), ...] as a step gets them (:func:`probe_views`); at most ``PROBE_IMAGES``
+    images of each are used.
     """
     if cfg.precision != "auto":
         if cfg.precision == "fp16" and device.type != "cuda":

@@ -69,6 +69,7 @@ class TrainState:
     iterations_per_epoch: int
     global_batch: int
     rank: int = 0
+    channels_last: bool = False  # convnets: inputs and weights in channels-last layout
     iteration: int = 0
     precision: str = "fp32"
     scaler: Any = None  # torch.amp.GradScaler for fp16, else None
@@ -78,7 +79,8 @@ class TrainState:
 
     @classmethod
     def create(cls, cfg: TrainConfig, device: torch.device, student: MultiCropWrapper, teacher: MultiCropWrapper,
-               iterations_per_epoch: int, global_batch: int, rank: int = 0) -> TrainState:
+               iterations_per_epoch: int, global_batch: int, rank: int = 0,
+               channels_last: bool = False) -> TrainState:
         """The state at iteration 0 for networks already on ``device``."""
         o, lo = cfg.optim, cfg.loss
         loss_fn = DINOLoss(cfg.model.out_dim, 2 + cfg.data.local_crops_number, lo.warmup_teacher_temp,
@@ -86,7 +88,7 @@ class TrainState:
                            lo.center_momentum).to(device)
         return cls(cfg, device, student, teacher, build_optimizer(student, o.optimizer), loss_fn,
                    Schedules.from_config(o, iterations_per_epoch, global_batch), iterations_per_epoch,
-                   global_batch, rank, forward=student, teacher_params=list(teacher.parameters()),
+                   global_batch, rank, channels_last, forward=student, teacher_params=list(teacher.parameters()),
                    student_params=list(student.parameters()))
 
     @property
