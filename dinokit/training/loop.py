@@ -12,7 +12,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -68,18 +69,19 @@ def train(config: TrainConfig | str | os.PathLike[str] | None, out_dir: str | os
         state.prepare(str(saved.get("precision", "fp32")), saved.get("fp16_scaler"))
     else:
         state.prepare(_initial_precision(state, main))
-    batches = data.batches(start, state.total_iterations) if start < state.total_iterations else iter(())
     log.info("training %s on %s: %d images, %d iterations/epoch x %d epochs, total batch %d, %d crops, %s",
              cfg.model.arch, device, data.num_samples, state.iterations_per_epoch, cfg.optim.epochs,
              data.global_batch, 2 + cfg.data.local_crops_number, state.precision)
     run_log = RunLog(run_dir, data.global_batch, state.iterations_per_epoch, cfg.log_every, enabled=main)
     hooks = Callbacks(callbacks if main else (), compiled=cfg.compile)
     t_loop = time.perf_counter()
-    try:
-        stopped = _iterate(state, batches, ckpt, run_log, hooks, StopPolicy.from_config(cfg, device),
-                           clock, progress_reporter(progress if main else None, run_log))
-    except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e}. Last good checkpoint: {ckpt.last_good()}") from None
+    # closing: a stopped run's data loader workers end here, not at interpreter exit
+    with closing(_batches(data, start, state.total_iterations)) as batches:
+        try:
+            stopped = _iterate(state, batches, ckpt, run_log, hooks, StopPolicy.from_config(cfg, device),
+                               clock, progress_reporter(progress if main else None, run_log))
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}. Last good checkpoint: {ckpt.last_good()}") from None
     if start >= state.total_iterations:
         log.info("%s: training already complete (%d iterations)", ckpt.path, state.total_iterations)
     it, elapsed = state.iteration, clock.elapsed()  # training time: the final callbacks are not part of it
@@ -138,6 +140,11 @@ def _initial_precision(state: TrainState, main: bool) -> str:
         views = probe_views(cfg, state.device, state.channels_last) if cfg.precision == "auto" else None
         choice = choose_precision(cfg, state.device, state.student, state.teacher, views)
     return str(distributed.broadcast_object(choice))
+
+
+def _batches(data: TrainData, start: int, total: int) -> Generator[list[torch.Tensor], None, None]:
+    if start < total:  # a finished run starts no data loader workers
+        yield from data.batches(start, total)
 
 
 def _iterate(state: TrainState, batches: Iterator[list[torch.Tensor]], ckpt: Checkpointer, run_log: RunLog,
