@@ -14,7 +14,7 @@ import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def epoch_checkpoint_name(epoch: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """torch CPU/CUDA states as tensors, numpy and python states as plain lists (weights_only-safe)."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # the legacy tuple form
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -107,7 +107,7 @@ def _resolve_config(config: TrainConfig | str | os.PathLike[str] | None, run_dir
             raise FileNotFoundError(f"{path}: no config given and none in the run folder")
         config = TrainConfig.from_json(path.read_text(), str(path))
     elif not isinstance(config, TrainConfig):
-        config = load_config(config)
+        config = load_config(Path(config))
     require_source(config)
     return config
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ def build_models(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     args = dict(m.model_args)
     student_bb = create_backbone(m.arch, **args, drop_path_rate=m.drop_path_rate)
     teacher_bb = create_backbone(m.arch, **args)
-    embed_dim = int(student_bb.num_features)
+    embed_dim = int(cast(int, student_bb.num_features))
 
     def head() -> DINOHead:
         return DINOHead(embed_dim, m.out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
@@ -43,7 +43,7 @@ def is_convnet(model: nn.Module) -> bool:
     return any(isinstance(mod, nn.Conv2d) for mod in model.modules()) and not hasattr(model, "patch_embed")
 
 
-def load_init(student: nn.Module, teacher: nn.Module, source: str) -> str:
+def load_init(student: MultiCropWrapper, teacher: MultiCropWrapper, source: str) -> str:
     """Initialise from an official/dinokit full checkpoint (both networks and heads) or a backbone source.
 
     Returns what was loaded ("full checkpoint" or "backbone").
@@ -62,7 +62,7 @@ def load_init(student: nn.Module, teacher: nn.Module, source: str) -> str:
         return "full checkpoint"
     sd = load(source).state_dict()
     for net in (student, teacher):
-        missing, unexpected = net.backbone.load_state_dict(sd, strict=False)
+        missing, unexpected = cast(nn.Module, net.backbone).load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"{source}: backbone does not fit model.arch/model_args "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -77,8 +77,8 @@ def place_models(student: MultiCropWrapper, teacher: MultiCropWrapper, cfg: Trai
     """
     channels_last = cfg.model.channels_last and is_convnet(student.backbone)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    student.to(device, memory_format=fmt)
-    teacher.to(device, memory_format=fmt)
+    for net in (student, teacher):
+        net.to(device).to(memory_format=fmt)
     if world > 1 and is_convnet(student.backbone):
         # in place: convert_sync_batchnorm swaps the BatchNorm children of these same wrappers
         distributed.sync_batchnorm(student)
