@@ -68,14 +68,15 @@ def worker(config: str, mode: str, iters: int, threads: int) -> dict[str, Any]:
     from dinokit.data.multicrop import MultiCropSpec, PILMultiCrop, TensorMultiCrop
     from dinokit.training.config import TrainConfig
     from dinokit.training.ema import ema_update_
-    from dinokit.training.loop import _autocast, build_models, set_fused_attention, use_fused_attention
     from dinokit.training.loss import DINOLoss
+    from dinokit.training.models import build_models
     from dinokit.training.optim import (
         build_optimizer,
         cancel_last_layer_gradients,
         clip_gradients,
         set_schedules,
     )
+    from dinokit.training.precision import autocast, set_fused_attention, use_fused_attention
 
     torch.set_num_threads(threads)
     cfg = TrainConfig().replace(CONFIGS[config])
@@ -125,7 +126,7 @@ def worker(config: str, mode: str, iters: int, threads: int) -> dict[str, Any]:
         if mode == "official":
             _official_step(student, teacher, crops, optimizer, loss_fn)
         else:
-            with _autocast(dev, precision):
+            with autocast(dev, precision):
                 with torch.no_grad():
                     t_out = teacher(crops[:2])
                 s_out = student(crops)

@@ -120,6 +120,7 @@ def test_push_bad_inputs(model_folder: Path, tmp_path: Path) -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A 2-iteration dinokit.train run of a tiny ViT on 32 Fashion-MNIST images, with a k-NN record."""
     import dinokit
+    from dinokit.eval.monitor import KNNMonitor
     from dinokit.training.config import TrainConfig
 
     cfg = TrainConfig().replace({
@@ -136,7 +137,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Pat
         "precision": "fp32", "saveckp_freq": 0,
     })
     run = tmp_path_factory.mktemp("tiny_run")
-    dinokit.train(cfg, run)
+    dinokit.train(cfg, run, callbacks=[KNNMonitor.from_config(cfg)])
     return run
 
 
