@@ -19,6 +19,7 @@ from torch import nn
 
 from dinokit.data.labeled import LabeledData, align_classes, resolve_labeled
 from dinokit.devices import model_device
+from dinokit.embedding import EmbedOptions
 from dinokit.eval.cache import embed_labeled
 from dinokit.eval.knn import knn_classify
 from dinokit.training.config import TrainConfig
@@ -63,9 +64,9 @@ class KNNMonitor:
     def __call__(self, backbone: nn.Module) -> dict[str, Any]:
         train, val = self.splits()
         model = _WithPreprocessing(backbone, self.preprocessing)
-        kw: dict[str, Any] = {"batch_size": self.batch_size, "device": model_device(backbone), "use_cache": False}
-        ftr, ytr, _ = embed_labeled(model, train, num_workers=_workers(train, self.num_workers), **kw)
-        fva, yva, _ = embed_labeled(model, val, num_workers=_workers(val, self.num_workers), **kw)
+        opts = EmbedOptions(batch_size=self.batch_size, device=model_device(backbone))
+        ftr, ytr, _ = embed_labeled(model, train, opts, use_cache=False, num_workers=_workers(train, self.num_workers))
+        fva, yva, _ = embed_labeled(model, val, opts, use_cache=False, num_workers=_workers(val, self.num_workers))
         res = knn_classify(ftr, ytr, fva, yva, k=self.k, T=self.temperature)
         log.info("k-NN: top1 %.2f top5 %.2f (%d train, %d val images)", res["top1"], res["top5"], len(ytr), len(yva))
         return {"top1": float(res["top1"]), "top5": float(res["top5"]), "k": self.k, "temperature": self.temperature,
