@@ -54,10 +54,11 @@ def test_index_build_add_search_info_remove(setup: dict[str, Path]) -> None:
     code, _, err = run("index", "build", setup["photos"], "--model", setup["model"], "--out", idx,
                        "--kind", "hnsw", "--knob", "ef_search=48", "--workers", "0")
     assert code == 0, err
-    assert sorted(p.name for p in idx.iterdir()) == ["index.faiss", "meta.json", "paths.json"]
-    meta = json.loads((idx / "meta.json").read_text())
+    assert "index.db" in {p.name for p in idx.iterdir()}
+    code, out, _ = run("index", "info", idx, "--json")
+    meta = json.loads(out)
     assert meta["kind"] == "hnsw" and meta["count"] == 16 and meta["knobs"]["ef_search"] == 48
-    assert meta["model_source"] == str(setup["model"].resolve())
+    assert meta["model"]["source"] == str(setup["model"].resolve())
 
     # the model recorded in the index is loaded when --model is not given
     q = setup["photos"] / "y" / "09.png"
@@ -75,13 +76,13 @@ def test_index_build_add_search_info_remove(setup: dict[str, Path]) -> None:
 
     code, _, err = run("index", "add", idx, setup["more"], setup["photos"], "--workers", "0")
     assert code == 0, err
-    assert "added 4 images; the index holds 20" in err
+    assert "added 4 images (16 skipped); the index holds 20" in err
     code, out, _ = run("index", "info", idx, "--json")
     info = json.loads(out)
-    assert info["count"] == 20 and info["kind"] == "hnsw" and info["feature_kind"] == "cls"
+    assert info["count"] == 20 and info["kind"] == "hnsw" and info["feature"] == "cls"
 
     code, _, err = run("index", "remove", idx, "x/01.png", "nope.png")
-    assert code == 0 and "removed 1 of 2" in err
+    assert code == 0 and "removed 1 of 2 items" in err
     code, out, _ = run("index", "search", idx, setup["photos"] / "x" / "01.png", "-k", "20", "--json")
     assert "x/01.png" not in {r["path"] for r in json.loads(out)[0]["results"]}
 
