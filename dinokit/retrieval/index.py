@@ -22,15 +22,9 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from PIL import Image
 
 from dinokit._types import Progress
-from dinokit.data.images import list_images, load_rgb
-from dinokit.data.transforms import eval_transform
-from dinokit.embedding import embed
-from dinokit.hub import load as load_model
-from dinokit.models.backbone import fingerprint, identity
 from dinokit.retrieval.folder import check_index_target, is_v1_folder, read_v1, v1_settings, write_folder
 from dinokit.retrieval.kinds import (
     DEFAULT_MEMORY_BUDGET,
@@ -46,6 +40,9 @@ from dinokit.retrieval.search import search_snapshot
 from dinokit.retrieval.store import FORMAT_VERSION, Store
 
 log = logging.getLogger(__name__)
+
+# The vision stack (torch, torchvision, timm: seconds to import) is imported inside the functions that
+# embed images, so that processes that only add or search vectors (writers, servers' workers) start fast.
 
 _COMPACT_FRACTION = 0.25  # remove() compacts once this share of the stored vectors is deleted
 
@@ -116,6 +113,8 @@ class AddResult:
 def describe_model(model: Any, *, source: str | None = None, image_size: int | None = None) -> dict[str, Any]:
     """What an index records about the model that made its features: source (how to load it again),
     name, arch, fingerprint, feature size, preprocessing and image size."""
+    from dinokit.models.backbone import identity  # the vision stack: see the note at the top
+
     ident = identity(model)
     prep = {k: ident.pop(k) for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}
     return {"source": source or _source_of(model), **ident, "preprocessing": prep, "image_size": image_size}
@@ -195,6 +194,8 @@ class Index:
         load the model again) defaults to the source ``dinokit.load`` was given, made absolute for
         local paths. ``metadata``: as in :meth:`from_features`.
         """
+        from dinokit.embedding import embed  # the vision stack: see the note at the top
+
         if isinstance(folder_or_paths, (str, os.PathLike)) and Path(folder_or_paths).is_dir():
             root, images = _abs(folder_or_paths), folder_or_paths
         else:
@@ -426,6 +427,9 @@ class Index:
 
     def _embed_new(self, items: Any, model: Any, **kw: Any) -> tuple[np.ndarray, list[str], list[tuple[str, str]], list[str]]:
         """Embed the images of ``items`` not yet in the index: (vectors, absolute paths, skipped, new roots)."""
+        from dinokit.data.images import list_images  # the vision stack: see the note at the top
+        from dinokit.embedding import embed
+
         model = self._model_for(model, "add(images)")
         self._check_model(model)
         if isinstance(items, (str, os.PathLike)) and Path(items).is_dir():
@@ -563,12 +567,18 @@ class Index:
         if hasattr(queries, "features") and hasattr(queries, "paths"):  # an Embeddings object
             self._check_embeddings_info(getattr(queries, "info", None) or {})
             return normalize(queries.features), [str(p) for p in queries.paths]
-        if isinstance(queries, (np.ndarray, torch.Tensor)):
+        if isinstance(queries, np.ndarray) or _is_tensor(queries):
             x = normalize(queries)
             return x, [str(i) for i in range(len(x))]
         items = [queries] if isinstance(queries, (str, os.PathLike, Image.Image)) else list(queries)
         if not items:
             raise ValueError("no queries given")
+        import torch  # the vision stack: see the note at the top
+
+        from dinokit.data.images import load_rgb
+        from dinokit.data.transforms import eval_transform
+        from dinokit.embedding import embed
+
         model = self._model_for(model, "searching by image")
         self._check_model(model)
         images, names = [], []
@@ -597,6 +607,8 @@ class Index:
                 name = (self.model_info or {}).get("name")
                 raise ValueError(f"{what} needs model= (the model this index was built with"
                                  + (f": {name}" if name else "") + "; the index records no source to load it from)")
+            from dinokit.hub import load as load_model  # the vision stack: see the note at the top
+
             log.info("loading the index's model %s", source)
             self.model = load_model(source)
         return self.model
@@ -621,6 +633,8 @@ class Index:
             return
         fp = self._fp_cache.get(id(model))
         if fp is None:
+            from dinokit.models.backbone import fingerprint  # the vision stack: see the note at the top
+
             fp = fingerprint(model)
             self._fp_cache = {id(model): fp}
         if fp != want:
@@ -748,6 +762,11 @@ def _reuse_or_build(snap: Any, kind: str, knobs: dict[str, Any], ids: np.ndarray
             index.add(x)
             return index
     return build_faiss(kind, x, knobs)
+
+
+def _is_tensor(x: Any) -> bool:
+    # a torch tensor, recognized without importing torch
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
 def _abs(path: str | os.PathLike[str]) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +143,9 @@ def set_num_threads(n: int) -> None:
 
 def normalize(features: Any) -> np.ndarray:
     """(N, D) float32 C-contiguous copy with unit-norm rows (zero rows stay zero)."""
-    if isinstance(features, torch.Tensor):
-        features = features.detach().to("cpu", torch.float32).numpy()
+    if type(features).__module__.startswith("torch") and hasattr(features, "detach"):
+        # a torch tensor (recognized without importing torch: vector-only processes never load it)
+        features = features.detach().float().cpu().numpy()
     x = np.array(features, dtype=np.float32, copy=True, order="C")
     if x.ndim == 1:
         x = x[None, :]
