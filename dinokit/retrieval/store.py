@@ -155,7 +155,7 @@ class Store:
         return store
 
     def _init_meta(self, meta: dict[str, Any]) -> None:
-        full = {"format_version": FORMAT_VERSION, "next_id": 0, "generation": 0, **meta}
+        full = {"format_version": FORMAT_VERSION, "next_id": 0, "generation": 0, "count": 0, **meta}
         with self._db:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -202,7 +202,9 @@ class Store:
                 rows = self._conn.execute("SELECT name, role, n, first_id, kind FROM segments").fetchall()
                 deleted = np.array([r[0] for r in self._conn.execute(
                     "SELECT id FROM items WHERE deleted = 1 ORDER BY id")], dtype=np.int64)
-                count = self._conn.execute("SELECT COUNT(*) FROM items WHERE deleted = 0").fetchone()[0]
+                count = meta.get("count")
+                if count is None:  # not kept by this store: count once (O(n))
+                    count = self._conn.execute("SELECT COUNT(*) FROM items WHERE deleted = 0").fetchone()[0]
                 segments = [self._segment(name, role, n, first_id, kind, meta)
                             for name, role, n, first_id, kind in sorted(rows, key=_segment_order)]
             finally:
@@ -386,7 +388,8 @@ class Store:
                                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
                 self._conn.execute("INSERT INTO segments VALUES (?, 'small', ?, ?, 'flat')",
                                    (name, len(keep), first))
-                self._set_meta({"next_id": first + len(keep), "generation": gen})
+                self._set_meta({"next_id": first + len(keep), "generation": gen,
+                                "count": int(meta["count"]) + len(keep)})
                 _pause("before-commit")
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -395,6 +398,11 @@ class Store:
         _pause("committed")
         self._merge_small()
         return [first + j for j in range(len(keep))], keep
+
+    def _count(self) -> int:
+        """The live count kept in meta (the live count is kept there by every write)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()
+        return int(json.loads(row[0]))
 
     def _set_meta(self, values: dict[str, Any]) -> None:
         self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -459,7 +467,7 @@ class Store:
                                              f"({','.join('?' * len(chunk))})", chunk)
                     n += cur.rowcount
                 if n:
-                    self._set_meta({"generation": self.generation() + 1})
+                    self._set_meta({"generation": self.generation() + 1, "count": self._count() - n})
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -514,7 +522,8 @@ class Store:
                     "INSERT INTO items (id, path, metadata, deleted, segment, row, added) "
                     "VALUES (?, ?, ?, ?, '', -1, ?)",
                     [(i, p, json.dumps(m), int(d), time.time()) for i, p, m, d in rows])
-                self._set_meta({"next_id": max((r[0] for r in rows), default=-1) + 1})
+                self._set_meta({"next_id": max((r[0] for r in rows), default=-1) + 1,
+                                "count": self._count() + sum(1 for r in rows if not r[3])})
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
