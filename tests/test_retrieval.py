@@ -282,6 +282,18 @@ def test_model_mismatch_is_a_clear_error(tmp_path: Path, photo_folder: Path) -> 
         Index.load(tmp_path / "idx").search([photo_folder / "a" / "01.png"], k=3)
 
 
+def test_loaded_index_searches_with_its_recorded_model(tmp_path: Path, photo_folder: Path) -> None:
+    dinokit.save(tiny_backbone(0), tmp_path / "model")
+    model = dinokit.load(tmp_path / "model")
+    Index.build(photo_folder, model=model, kind="flat", num_workers=0).save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.model_info["source"] == str((tmp_path / "model").resolve())
+    res = loaded.search([photo_folder / "b" / "04.png"], k=1)  # no model=: the recorded source is loaded
+    assert res.paths[0, 0] == "b/04.png"
+    added = loaded.add([photo_folder / "a" / "01.png"], num_workers=0)
+    assert added.ids == [] and added.skipped == [(str(photo_folder / "a" / "01.png"), "already in the index")]
+
+
 def test_corrupt_query_image_named_in_one_line(tmp_path: Path, photo_folder: Path) -> None:
     model = tiny_backbone(0)
     index = Index.build(photo_folder, model=model, kind="flat", num_workers=0)

@@ -147,6 +147,8 @@ class Index:
         check_index_target(folder)
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"{folder}: already holds an index")
+        if image_size is None and model_info:
+            image_size = model_info.get("image_size")
         return cls(Store.create(folder, _settings(dim, kind, knobs, model_info, feature, image_size, root)))
 
     @classmethod
