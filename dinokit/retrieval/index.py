@@ -480,8 +480,11 @@ class Index:
             snap = self._store.snapshot()
             meta = snap.meta
             ids, x = _live_vectors(snap)
-            kind, knobs = resolve_kind(meta["kind"], self.dim, max(1, len(ids)), dict(meta.get("knobs") or {}),
-                                       memory_budget)
+            if len(ids):
+                kind, knobs = resolve_kind(meta["kind"], self.dim, len(ids), dict(meta.get("knobs") or {}),
+                                           memory_budget)
+            else:  # nothing left to train on: an empty exact index until the next compaction
+                kind, knobs = "flat", {}
             index = _reuse_or_build(snap, kind, knobs, ids, x)
             self._store.install_main(x, ids, index, kind, knobs, replaces=[s.name for s in snap.segments])
         self._store.snapshot()
