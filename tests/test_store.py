@@ -242,3 +242,41 @@ def test_version1_folder_opens_read_only_and_migrates(tmp_path: Path, kind: str)
     assert Index.load(old).count == 299
     code = CliRunner().invoke(app, ["index", "migrate", str(old)])
     assert code.exit_code == 1 and "nothing to migrate" in code.stderr
+
+
+def test_adds_and_removes_go_on_during_a_compaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from dinokit.retrieval import index as index_mod
+
+    folder = tmp_path / "idx"
+    index = _empty_store(folder, seed_items=40)
+    index.remove([0, 1])
+    building, release = threading.Event(), threading.Event()
+    real_build = index_mod._reuse_or_build
+
+    def slow_build(*args, **kwargs):
+        building.set()
+        assert release.wait(30)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(index_mod, "_reuse_or_build", slow_build)
+    results: list[bool] = []
+    worker = threading.Thread(target=lambda: results.append(index.compact()))
+    worker.start()
+    assert building.wait(30)
+    # the build runs outside the write lock: other writers (here: another handle) are not blocked
+    other = Index.load(folder)
+    assert other.compact() is False  # one compaction at a time
+    for j in range(4):
+        paths = [f"during/{j}/{i}" for i in range(3)]
+        other.add(features=np.stack([vector_for(p) for p in paths]), paths=paths)
+    other.remove([5])  # in the compacted set: stays marked after the swap
+    release.set()
+    worker.join(30)
+    assert results == [True]
+    final = _check_consistent(folder)
+    assert final.count == 40 - 3 + 12 and 5 not in final.search_by_id(6, k=60).ids
+    info = final.info()
+    assert info["small_segments"] >= 1 and info["ntotal"] == 38 + 12  # 0 and 1 dropped, 5 still stored
+    assert final.compact() and final.info()["ntotal"] == final.count == 49

@@ -471,23 +471,36 @@ class Index:
             self.compact()
         return n
 
-    def compact(self, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+    def compact(self, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
         """Fold small segments and drop removed vectors: one main index of the chosen kind ("auto" is
-        decided again for the live count, IVF-PQ trained when the size calls for it). Crash-safe: the
-        new index is written beside the old and swapped in by one commit."""
+        decided again for the live count, IVF-PQ trained when the size calls for it).
+
+        Safe to run in the background: the new index is built outside the write lock (adds and removes
+        go on meanwhile and stay in their own segments), then written beside the old one and swapped
+        in by one commit, so a crash at any point leaves a whole state. Returns False (doing nothing)
+        when another compaction of this index is running."""
         self._writable()
         with self._store.write_lock():
-            snap = self._store.snapshot()
-            meta = snap.meta
+            snap = self._store.claim_compaction()
+        if snap is None:
+            log.info("%s: a compaction is already running", self.folder)
+            return False
+        try:
             ids, x = _live_vectors(snap)
             if len(ids):
-                kind, knobs = resolve_kind(meta["kind"], self.dim, len(ids), dict(meta.get("knobs") or {}),
-                                           memory_budget)
+                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, len(ids),
+                                           dict(snap.meta.get("knobs") or {}), memory_budget)
             else:  # nothing left to train on: an empty exact index until the next compaction
                 kind, knobs = "flat", {}
             index = _reuse_or_build(snap, kind, knobs, ids, x)
-            self._store.install_main(x, ids, index, kind, knobs, replaces=[s.name for s in snap.segments])
+            with self._store.write_lock():
+                self._store.install_main(x, ids, index, kind, knobs, replaces=[s.name for s in snap.segments])
+        except BaseException:
+            with self._store.write_lock():
+                self._store.release_claim()
+            raise
         self._store.snapshot()
+        return True
 
     def set_knobs(self, **knobs: Any) -> None:
         """Change search-time knobs for later searches: ``ef_search`` (hnsw), ``nprobe``, ``k_factor`` (ivfpq)."""

@@ -47,6 +47,7 @@ DB_FILE = "index.db"
 LOCK_FILE = "write.lock"
 _SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss)$")
 _MAX_SMALL_SEGMENTS = 24
+_CLAIM_MAX_AGE = 6 * 3600  # a compaction claim older than this is stale even if its pid was reused
 
 #: test hook: called with a stage name at the points where a crash must leave a consistent folder
 #: ("segment-written", "before-commit", "committed", "compact-written", "compact-committed")
@@ -409,10 +410,40 @@ class Store:
                                [(k, json.dumps(v)) for k, v in values.items()])
 
     def _small_segments(self) -> list[tuple[str, int, int]]:
+        """(name, n, first_id) of the small segments a merge may touch (not those a compaction folds)."""
+        claimed = set(self._live_claim().get("segments", []))
         with self._db:
             rows = self._conn.execute(
                 "SELECT name, n, first_id FROM segments WHERE role = 'small' ORDER BY first_id").fetchall()
-        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+        return [(r[0], int(r[1]), int(r[2])) for r in rows if r[0] not in claimed]
+
+    def _live_claim(self) -> dict[str, Any]:
+        """The running compaction's claim {"segments", "pid", "started"}, or {} (none, or its process died)."""
+        claim = self.meta().get("compacting") or {}
+        if not claim:
+            return {}
+        try:
+            os.kill(int(claim["pid"]), 0)
+        except ProcessLookupError:
+            return {}
+        except PermissionError:  # alive, another user's process
+            pass
+        return claim if time.time() - float(claim["started"]) < _CLAIM_MAX_AGE else {}
+
+    def claim_compaction(self) -> Snapshot | None:
+        """Under the write lock: the snapshot to compact, its segments claimed so that merges leave them
+        alone while the new index is built outside the lock; None when another compaction runs."""
+        if self._live_claim():
+            return None
+        snap = self.snapshot()
+        self.set_meta({"compacting": {"segments": [s.name for s in snap.segments], "pid": os.getpid(),
+                                      "started": time.time()}})
+        return snap
+
+    def release_claim(self) -> None:
+        """Under the write lock: drop this process's claim (the compaction failed)."""
+        if self.meta().get("compacting", {}).get("pid") == os.getpid():
+            self.set_meta({"compacting": None})
 
     def _merge_small(self) -> None:
         """Keep O(log n) small segments: merge the two newest while the older is at most twice the
@@ -505,7 +536,7 @@ class Store:
                     self._conn.execute(f"DELETE FROM items WHERE segment IN ({marks})", list(replaces))
                     self._conn.execute(f"DELETE FROM segments WHERE name IN ({marks})", list(replaces))
                 self._conn.execute("INSERT INTO segments VALUES (?, 'main', ?, NULL, ?)", (name, len(ids), kind))
-                self._set_meta({"main_kind": kind, "main_knobs": knobs, "generation": gen})
+                self._set_meta({"main_kind": kind, "main_knobs": knobs, "generation": gen, "compacting": None})
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
