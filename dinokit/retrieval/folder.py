@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
-
+from dinokit.retrieval.kinds import faiss
 from dinokit.retrieval.store import DB_FILE
 
 V1_INDEX_FILE = "index.faiss"

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from PIL import Image
 
@@ -31,6 +30,7 @@ from dinokit.retrieval.kinds import (
     SEARCH_KNOBS,
     build_faiss,
     check_kind,
+    faiss,
     memory_per_vector,
     normalize,
     resolve_kind,
@@ -198,14 +198,16 @@ class Index:
         """
         from dinokit.embedding import embed  # the vision stack: see the note at the top
 
+        images: str | list[str]
         if isinstance(folder_or_paths, (str, os.PathLike)) and Path(folder_or_paths).is_dir():
-            root, images = _abs(folder_or_paths), folder_or_paths
+            root, images = _abs(folder_or_paths), os.fspath(folder_or_paths)
         else:
             items = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
             given = [Path(_abs(p)) for p in items]
             if not given:
                 raise ValueError("no images given to index")
-            root, images = os.path.commonpath([str(p.parent) for p in given]), [str(p) for p in given]
+            root = os.path.commonpath([str(p.parent) for p in given])
+            images = [str(p) for p in given]
         emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
                     image_size=image_size, features=feature, progress=progress)
         if len(emb.paths) == 0:
@@ -403,16 +405,17 @@ class Index:
         if features is not None:
             if paths is None:
                 raise ValueError("add(features=...) needs paths=")
-            raw = [None if p is None else os.fspath(p) for p in paths]
-            x, skipped = normalize(features), []
+            raw: list[str | None] = [None if p is None else str(os.fspath(p)) for p in paths]
+            x, skipped = normalize(features), list[tuple[str, str]]()
             if len(raw) != len(x):
                 raise ValueError(f"{len(x)} feature rows but {len(raw)} paths")
             new_roots: list[str] = []
         else:
             if items is None:
                 raise ValueError("add() needs a folder, image paths, or features= and paths=")
-            x, raw, skipped, new_roots = self._embed_new(items, model, batch_size=batch_size, device=device,
+            x, embedded, skipped, new_roots = self._embed_new(items, model, batch_size=batch_size, device=device,
                                                          num_workers=num_workers, progress=progress)
+            raw = list(embedded)
         if len(x) and x.shape[1] != self.dim:
             raise ValueError(f"features have dimension {x.shape[1]}, the index holds dimension {self.dim}")
         keys = [None if p is None else self._key(p) for p in raw]
@@ -765,8 +768,7 @@ def _reuse_or_build(snap: Any, kind: str, knobs: dict[str, Any], ids: np.ndarray
     knobs still hold (O(new) work), an IVF-PQ refilled with its trained quantizers after removals, or
     a fresh build."""
     main = next((s for s in snap.segments if s.role == "main"), None)
-    same = main is not None and main.kind == kind and snap.meta.get("main_knobs") == knobs
-    if same and main.kind != "flat":
+    if main is not None and main.kind == kind != "flat" and snap.meta.get("main_knobs") == knobs:
         removed = len(snap.deleted) and np.isin(main.ids, snap.deleted).any()
         index = faiss.deserialize_index(faiss.serialize_index(main.index))  # never mutate a live index
         if not removed:

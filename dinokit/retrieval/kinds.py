@@ -19,10 +19,13 @@ import logging
 import math
 from typing import Any
 
-import faiss
+import faiss as _faiss_typed
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# faiss's type stubs miss the SWIG keyword arguments, ownership helpers and several classes: use it untyped
+faiss: Any = _faiss_typed
 
 KINDS = ("flat", "hnsw", "ivfpq")
 

@@ -114,7 +114,8 @@ def filter_sql(flt: Filter | None) -> tuple[str, list[Any]]:
         return "1", []
     if not isinstance(flt, Mapping):
         raise ValueError(f"filter must be a JSON object of field: value, got {type(flt).__name__}")
-    conds, params = [], []
+    conds: list[str] = []
+    params: list[Any] = []
     for key, value in flt.items():
         path = '$."' + str(key).replace('"', '""') + '"'
         if value is None:

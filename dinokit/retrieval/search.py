@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import faiss
 import numpy as np
 
-from dinokit.retrieval.kinds import search_params
+from dinokit.retrieval.kinds import faiss, search_params
 from dinokit.retrieval.store import Segment, Snapshot
 
 # below this many allowed vectors exact scoring beats an approximate index with a selector

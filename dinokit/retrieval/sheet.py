@@ -43,7 +43,7 @@ def contact_sheet(result: SearchResult, queries: Sequence[Any], out_path: str | 
         # fit the longer side to the cell, up or down (small images would otherwise be specks)
         scale = thumb / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        return img.resize(size, Image.LANCZOS if scale < 1 else Image.NEAREST)
+        return img.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
 
     def put(img: Image.Image | None, col: int, row: int, text: str, color: str) -> None:
         x, y = pad + col * cell_w + (pad if col else 0), pad + row * cell_h

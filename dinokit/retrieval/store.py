@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
+
+from dinokit.retrieval.kinds import faiss
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class Store:
                 if attempt == 19:
                     raise
                 time.sleep(0.05)
+        assert snap is not None
         self._snap = snap
         return snap
 
@@ -220,7 +222,8 @@ class Store:
             return cached
         vectors = self._read_array(name + ".npy")
         if role == "small":
-            return Segment(name, role, "flat", np.arange(first_id, first_id + n, dtype=np.int64), vectors)
+            first = int(first_id or 0)
+            return Segment(name, role, "flat", np.arange(first, first + n, dtype=np.int64), vectors)
         ids = np.asarray(self._read_array(name + ".ids.npy"), dtype=np.int64)
         if kind == "flat":
             index = faiss.IndexFlatIP(int(meta["dim"]))
