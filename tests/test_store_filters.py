@@ -13,7 +13,7 @@ import pytest
 from dinokit.retrieval import search as search_mod
 from dinokit.retrieval.index import Index
 from dinokit.retrieval.kinds import set_num_threads
-from dinokit.retrieval.metadata import filter_sql, matches, read_metadata_file
+from dinokit.retrieval.metadata import filter_query, matches, read_metadata_file
 
 COLORS = ("red", "green", "blue", "black")
 
@@ -88,8 +88,8 @@ def test_filter_equality_is_json_equality() -> None:
     for i, m in enumerate(meta):  # the SQL and the Python twin agree
         for flt in ({"n": 1}, {"n": "1"}, {"n": True}, {"n": None}, {"m": 1}):
             assert matches(m, flt) == (i in hits(flt))
-    with pytest.raises(ValueError, match="only strings, numbers, booleans and null"):
-        filter_sql({"n": [1, 2]})
+    with pytest.raises(ValueError, match="only strings, finite numbers, booleans and null"):
+        filter_query({"n": [1, 2]})
     assert index.get(3) == {"id": 3, "path": "3", "metadata": {"n": True}}
     with pytest.raises(KeyError):
         index.get(99)

@@ -35,7 +35,7 @@ from dinokit.retrieval.kinds import (
     normalize,
     resolve_kind,
 )
-from dinokit.retrieval.metadata import MetadataLike, check_metadata, filter_sql, read_metadata_file
+from dinokit.retrieval.metadata import MetadataLike, check_metadata, read_metadata_file
 from dinokit.retrieval.search import search_snapshot
 from dinokit.retrieval.store import FORMAT_VERSION, Store
 
@@ -565,7 +565,7 @@ class Index:
         if k < 1:
             raise ValueError(f"k={k}: must be >= 1")
         snap = self._store.snapshot()
-        allowed = self._store.select_ids(*filter_sql(filter)) if filter else None
+        allowed = self._store.filter_ids(dict(filter)) if filter else None
         k_eff = min(int(k), snap.count if allowed is None else len(allowed))
         if k_eff == 0:
             empty = np.zeros((len(x), 0))

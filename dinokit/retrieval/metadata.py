@@ -105,41 +105,53 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- filters
 
 
-def filter_sql(flt: Filter | None) -> tuple[str, list[Any]]:
-    """SQL condition and parameters selecting items whose metadata equals ``flt`` on every key.
+def _typed(value: Any) -> tuple[str, Any] | None:
+    """(type tag, SQL value) of a filterable JSON scalar: "s" string, "n" number, "b" boolean, "z" null;
+    None for lists, objects and non-finite numbers (not filterable)."""
+    if value is None:
+        return "z", 0
+    if isinstance(value, bool):
+        return "b", int(value)
+    if isinstance(value, (int, float)):
+        return ("n", value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        return "s", value
+    return None
+
+
+def field_rows(item_id: int, meta: Mapping[str, Any]) -> list[tuple[int, str, str, Any]]:
+    """Rows (id, key, type tag, value) of the filterable top-level fields of one item's metadata."""
+    rows = []
+    for key, value in meta.items():
+        typed = _typed(value)
+        if typed is not None:
+            rows.append((item_id, str(key), *typed))
+    return rows
+
+
+def filter_query(flt: Filter) -> tuple[str, list[Any]]:
+    """SQL selecting the sorted ids of live items whose metadata equals ``flt`` on every key.
 
     Equality is JSON equality: strings match strings, numbers match numbers (1 == 1.0), true/false
-    match only booleans, None matches a JSON null. Lists/objects are not filterable (ValueError)."""
-    if not flt:
-        return "1", []
-    if not isinstance(flt, Mapping):
-        raise ValueError(f"filter must be a JSON object of field: value, got {type(flt).__name__}")
-    conds: list[str] = []
-    params: list[Any] = []
+    match only booleans, None matches a JSON null. Each key is one lookup in the (key, type, value)
+    index of the ``fields`` table, so a filter costs O(matching items), not O(index).
+    Lists/objects are not filterable (ValueError)."""
+    if not isinstance(flt, Mapping) or not flt:
+        raise ValueError(f"filter must be a non-empty JSON object of field: value, got {flt!r}")
+    parts, params = [], []
     for key, value in flt.items():
-        path = '$."' + str(key).replace('"', '""') + '"'
-        if value is None:
-            conds.append("json_type(metadata, ?) = 'null'")
-            params.append(path)
-        elif isinstance(value, bool):
-            conds.append("json_type(metadata, ?) = ?")
-            params += [path, "true" if value else "false"]
-        elif isinstance(value, (int, float)):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"filter {key!r}: {value} is not a JSON number")
-            conds.append("json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?")
-            params += [path, path, value]
-        elif isinstance(value, str):
-            conds.append("json_type(metadata, ?) = 'text' AND json_extract(metadata, ?) = ?")
-            params += [path, path, value]
-        else:
-            raise ValueError(f"filter {key!r}: only strings, numbers, booleans and null can be matched, "
+        typed = _typed(value)
+        if typed is None:
+            raise ValueError(f"filter {key!r}: only strings, finite numbers, booleans and null can be matched, "
                              f"got {type(value).__name__}")
-    return " AND ".join(f"({c})" for c in conds), params
+        parts.append("SELECT id FROM fields WHERE key = ? AND t = ? AND value = ?")
+        params += [str(key), *typed]
+    return (f"SELECT id FROM items WHERE deleted = 0 AND id IN ({' INTERSECT '.join(parts)}) ORDER BY id",
+            params)
 
 
 def matches(meta: Mapping[str, Any], flt: Filter | None) -> bool:
-    """Python twin of :func:`filter_sql` (for tests and in-memory checks)."""
+    """Python twin of :func:`filter_query` (for tests and in-memory checks)."""
     for key, value in (flt or {}).items():
         if key not in meta:
             return False

@@ -24,7 +24,8 @@ def search_snapshot(snap: Snapshot, x: np.ndarray, k: int, allowed: np.ndarray |
                     knobs: dict[str, Any], **overrides: Any) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` (scores float32 (Q, k), ids int64 (Q, k)) of normalized queries ``x`` (Q, D) over
     live items; ``allowed``: sorted ids a filter lets through (None: all live). Missing: -inf / -1."""
-    parts = [_search_segment(seg, x, k, allowed, snap.deleted, knobs, overrides) for seg in snap.segments]
+    parts = [_search_segment(seg, x, k, _candidate_rows(seg, allowed, snap), knobs, overrides)
+             for seg in snap.segments]
     if not parts:
         return np.full((len(x), k), -np.inf, np.float32), np.full((len(x), k), -1, np.int64)
     scores = np.concatenate([p[0] for p in parts], axis=1)
@@ -39,20 +40,30 @@ def search_snapshot(snap: Snapshot, x: np.ndarray, k: int, allowed: np.ndarray |
     return scores.astype(np.float32), ids
 
 
-def _candidate_rows(seg: Segment, allowed: np.ndarray | None, deleted: np.ndarray) -> np.ndarray | None:
-    """Rows of ``seg`` that may be returned (None: all of them)."""
+def _rows_of(seg: Segment, ids: np.ndarray) -> np.ndarray:
+    """Sorted rows of ``seg`` holding any of the sorted ``ids``: O(len(ids) log n)."""
+    if len(seg.ids) == 0 or len(ids) == 0:
+        return np.zeros(0, np.int64)
+    pos = np.searchsorted(seg.ids, ids)
+    ok = pos < len(seg.ids)
+    ok[ok] = seg.ids[pos[ok]] == ids[ok]
+    return pos[ok].astype(np.int64)
+
+
+def _candidate_rows(seg: Segment, allowed: np.ndarray | None, snap: Snapshot) -> np.ndarray | None:
+    """Rows of ``seg`` that may be returned (None: all of them): the allowed ids it holds, or its
+    rows minus the deleted ones (memoized per snapshot: deletions change only with a commit)."""
     if allowed is not None:
-        _, rows, _ = np.intersect1d(seg.ids, allowed, assume_unique=True, return_indices=True)
-        return np.sort(rows)
-    if len(deleted) == 0 or len(seg.ids) == 0 or deleted[-1] < seg.ids[0] or deleted[0] > seg.ids[-1]:
-        return None
-    dead = np.isin(seg.ids, deleted, assume_unique=True)
-    return None if not dead.any() else np.flatnonzero(~dead)
+        return _rows_of(seg, allowed)
+    key = "live:" + seg.name
+    if key not in snap.memo:
+        dead = _rows_of(seg, snap.deleted)
+        snap.memo[key] = None if len(dead) == 0 else np.setdiff1d(np.arange(len(seg.ids)), dead, assume_unique=True)
+    return snap.memo[key]
 
 
-def _search_segment(seg: Segment, x: np.ndarray, k: int, allowed: np.ndarray | None, deleted: np.ndarray,
-                    knobs: dict[str, Any], overrides: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    rows = _candidate_rows(seg, allowed, deleted)
+def _search_segment(seg: Segment, x: np.ndarray, k: int, rows: np.ndarray | None, knobs: dict[str, Any],
+                    overrides: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     n = len(seg.ids) if rows is None else len(rows)
     if n == 0:
         return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)

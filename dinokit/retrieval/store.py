@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from dinokit.retrieval.kinds import faiss
+from dinokit.retrieval.metadata import field_rows, filter_query
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ CREATE TABLE IF NOT EXISTS items (
     deleted INTEGER NOT NULL DEFAULT 0, segment TEXT NOT NULL, row INTEGER NOT NULL, added REAL);
 CREATE UNIQUE INDEX IF NOT EXISTS items_live_path ON items(path) WHERE deleted = 0 AND path IS NOT NULL;
 CREATE INDEX IF NOT EXISTS items_deleted ON items(deleted) WHERE deleted = 1;
+CREATE TABLE IF NOT EXISTS fields (
+    id INTEGER NOT NULL, key TEXT NOT NULL, t TEXT NOT NULL, value, PRIMARY KEY (key, t, value, id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segments (
     name TEXT PRIMARY KEY, role TEXT NOT NULL, n INTEGER NOT NULL, first_id INTEGER, kind TEXT NOT NULL);
 """
@@ -93,6 +97,8 @@ class Snapshot:
     deleted: np.ndarray
     count: int
     meta: dict[str, Any] = field(default_factory=dict)
+    # per-snapshot memo for searches (e.g. the live rows of each segment): built once, not per query
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -265,12 +271,16 @@ class Store:
             return [(int(i), p) for i, p in
                     self._conn.execute("SELECT id, path FROM items WHERE deleted = 0 ORDER BY id")]
 
-    def select_ids(self, where: str, params: Sequence[Any]) -> np.ndarray:
-        """Sorted ids of live items matching the SQL condition ``where``."""
+    def filter_ids(self, flt: dict[str, Any]) -> np.ndarray:
+        """Sorted ids of live items whose metadata equals ``flt`` on every key (see ``filter_query``)."""
+        sql, params = filter_query(flt)
         with self._db:
-            rows = self._conn.execute(f"SELECT id FROM items WHERE deleted = 0 AND ({where}) ORDER BY id",
-                                      list(params)).fetchall()
+            rows = self._conn.execute(sql, params).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def _insert_fields(self, rows: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        self._conn.executemany("INSERT OR IGNORE INTO fields VALUES (?, ?, ?, ?)",
+                               [f for i, m in rows for f in field_rows(i, m)])
 
     # ------------------------------------------------------------------ files
 
@@ -390,6 +400,7 @@ class Store:
             try:
                 self._conn.executemany("INSERT INTO items (id, path, metadata, segment, row, added) "
                                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._insert_fields([(first + j, metadata[i]) for j, i in enumerate(keep)])
                 self._conn.execute("INSERT INTO segments VALUES (?, 'small', ?, ?, 'flat')",
                                    (name, len(keep), first))
                 self._set_meta({"next_id": first + len(keep), "generation": gen,
@@ -537,6 +548,7 @@ class Store:
                                        ((name, r, int(i)) for r, i in enumerate(ids)))
                 if replaces:
                     self._conn.execute(f"DELETE FROM items WHERE segment IN ({marks})", list(replaces))
+                    self._conn.execute("DELETE FROM fields WHERE id NOT IN (SELECT id FROM items)")
                     self._conn.execute(f"DELETE FROM segments WHERE name IN ({marks})", list(replaces))
                 self._conn.execute("INSERT INTO segments VALUES (?, 'main', ?, NULL, ?)", (name, len(ids), kind))
                 self._set_meta({"main_kind": kind, "main_knobs": knobs, "generation": gen, "compacting": None})
@@ -556,6 +568,7 @@ class Store:
                     "INSERT INTO items (id, path, metadata, deleted, segment, row, added) "
                     "VALUES (?, ?, ?, ?, '', -1, ?)",
                     [(i, p, json.dumps(m), int(d), time.time()) for i, p, m, d in rows])
+                self._insert_fields([(r[0], r[2]) for r in rows])
                 self._set_meta({"next_id": max((r[0] for r in rows), default=-1) + 1,
                                 "count": self._count() + sum(1 for r in rows if not r[3])})
                 self._conn.execute("COMMIT")
