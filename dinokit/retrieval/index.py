@@ -565,7 +565,7 @@ class Index:
         if k < 1:
             raise ValueError(f"k={k}: must be >= 1")
         snap = self._store.snapshot()
-        allowed = self._store.filter_ids(dict(filter)) if filter else None
+        allowed = self._store.filter_ids(dict(filter), snap) if filter else None
         k_eff = min(int(k), snap.count if allowed is None else len(allowed))
         if k_eff == 0:
             empty = np.zeros((len(x), 0))

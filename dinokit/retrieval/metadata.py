@@ -130,7 +130,7 @@ def field_rows(item_id: int, meta: Mapping[str, Any]) -> list[tuple[int, str, st
 
 
 def filter_query(flt: Filter) -> tuple[str, list[Any]]:
-    """SQL selecting the sorted ids of live items whose metadata equals ``flt`` on every key.
+    """SQL selecting the ids of items (removed ones included) whose metadata equals ``flt`` on every key.
 
     Equality is JSON equality: strings match strings, numbers match numbers (1 == 1.0), true/false
     match only booleans, None matches a JSON null. Each key is one lookup in the (key, type, value)
@@ -146,8 +146,7 @@ def filter_query(flt: Filter) -> tuple[str, list[Any]]:
                              f"got {type(value).__name__}")
         parts.append("SELECT id FROM fields WHERE key = ? AND t = ? AND value = ?")
         params += [str(key), *typed]
-    return (f"SELECT id FROM items WHERE deleted = 0 AND id IN ({' INTERSECT '.join(parts)}) ORDER BY id",
-            params)
+    return " INTERSECT ".join(parts), params
 
 
 def matches(meta: Mapping[str, Any], flt: Filter | None) -> bool:

@@ -49,6 +49,7 @@ DB_FILE = "index.db"
 LOCK_FILE = "write.lock"
 _SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss)$")
 _MAX_SMALL_SEGMENTS = 24
+_FILTER_CACHE = 32
 _CLAIM_MAX_AGE = 6 * 3600  # a compaction claim older than this is stale even if its pid was reused
 
 #: test hook: called with a stage name at the points where a crash must leave a consistent folder
@@ -117,6 +118,7 @@ class Store:
         self._mem: dict[str, Any] = {}  # memory store: file name -> array / faiss index
         self._snap: Snapshot | None = None
         self._cache: dict[str, Segment] = {}
+        self._filters: dict[tuple[str, int], np.ndarray] = {}  # (filter, generation) -> ids, oldest first
 
     # ------------------------------------------------------------------ open / create
 
@@ -271,12 +273,22 @@ class Store:
             return [(int(i), p) for i, p in
                     self._conn.execute("SELECT id, path FROM items WHERE deleted = 0 ORDER BY id")]
 
-    def filter_ids(self, flt: dict[str, Any]) -> np.ndarray:
-        """Sorted ids of live items whose metadata equals ``flt`` on every key (see ``filter_query``)."""
-        sql, params = filter_query(flt)
-        with self._db:
-            rows = self._conn.execute(sql, params).fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64)
+    def filter_ids(self, flt: dict[str, Any], snap: Snapshot) -> np.ndarray:
+        """Sorted ids of the items of ``snap`` whose metadata equals ``flt`` on every key (see
+        ``filter_query``), removed ones left out. The last few filters are remembered per commit."""
+        key = (json.dumps(flt, sort_keys=True), snap.generation)
+        ids = self._filters.get(key)
+        if ids is None:
+            sql, params = filter_query(flt)
+            with self._db:
+                rows = self._conn.execute(sql, params).fetchall()
+            ids = np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+            if len(snap.deleted):
+                ids = ids[~np.isin(ids, snap.deleted, assume_unique=True)]
+            self._filters[key] = ids
+            while len(self._filters) > _FILTER_CACHE:
+                self._filters.pop(next(iter(self._filters)))
+        return ids
 
     def _insert_fields(self, rows: Sequence[tuple[int, dict[str, Any]]]) -> None:
         self._conn.executemany("INSERT OR IGNORE INTO fields VALUES (?, ?, ?, ?)",
