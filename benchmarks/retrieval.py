@@ -7,6 +7,7 @@ Recall@10 is measured against the exact (flat) index on the same data.
 
     .venv/bin/python benchmarks/retrieval.py --sizes 100000 1000000 --queries 1000 --json out.json
     .venv/bin/python benchmarks/retrieval.py --add-cost 1000 100000     # the store's cost per add
+    .venv/bin/python benchmarks/retrieval.py --store-search 200000 --kinds ivfpq   # filters, removals, segments
 
 Prints a markdown table (paste it into benchmarks/RESULTS.md). Timings on a shared machine are
 noisy; the exact kind, measured in the same process, is the baseline for the speed-up column.
@@ -104,6 +105,41 @@ def add_cost(sizes: list[int], batch: int = 10, n_adds: int = 30, dim: int = 384
                "ms_per_add_p90": float(np.percentile(times, 90)), "v1_bytes_per_add": v1_bytes}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    return rows
+
+
+def store_search(n: int, kind: str, dim: int = 384, repeat: int = 20) -> list[dict[str, Any]]:
+    """One-query latency (ms) of an index of n items with metadata: plain, filtered (0.1% / 50% / two
+    keys passing), with 1% removed, and with small segments added after the build."""
+    x = clustered(n + 100, dim=dim, seed=2)
+    q, x = x[n:], x[:n]
+    meta = [{"sku": f"s{i % 1000}", "shop": "ab"[i % 2]} for i in range(n)]
+    index = Index.from_features(x, [f"p/{i}" for i in range(n)], kind=kind, metadata=meta)
+    rows = []
+
+    def run(case: str, **kw: Any) -> None:
+        t = time.perf_counter()
+        index.search_vectors(q[99], k=10, **kw)  # first call: filters are looked up, then remembered
+        first = 1000 * (time.perf_counter() - t)
+        lat = []
+        for i in range(repeat):
+            t = time.perf_counter()
+            index.search_vectors(q[i], k=10, **kw)
+            lat.append(1000 * (time.perf_counter() - t))
+        row = {"n": n, "kind": index.kind, "case": case, "first_ms": first,
+               "median_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    run("no filter")
+    run("filter, 0.1% pass", filter={"sku": "s7"})
+    run("filter, 50% pass", filter={"shop": "a"})
+    run("filter, two keys, 0.05% pass", filter={"shop": "b", "sku": "s7"})
+    index.remove(range(0, n, 100))
+    run("no filter, 1% removed")
+    for j in range(5):
+        index.add(features=q[j * 10:(j + 1) * 10], paths=[f"new/{j}/{i}" for i in range(10)])
+    run("no filter, 1% removed, 5 adds pending in small segments")
     return rows
 
 
@@ -245,9 +281,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
     ap.add_argument("--add-cost", type=int, nargs="+", default=None, metavar="N",
                     help="instead: bytes written and ms per add of 10 vectors to a store of N items")
+    ap.add_argument("--store-search", type=int, default=None, metavar="N",
+                    help="instead: one-query latency with filters, removals and pending segments at N items")
     args = ap.parse_args()
     import faiss
 
+    if args.store_search:
+        set_num_threads(args.threads)
+        rows = [r for kind in args.kinds for r in store_search(args.store_search, kind)]
+        print("\n| n | kind | case | first query ms | median ms | p90 ms |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['n']:,} | {r['kind']} | {r['case']} | {r['first_ms']:.1f} | {r['median_ms']:.2f} "
+                  f"| {r['p90_ms']:.2f} |")
+        return
     if args.add_cost:
         set_num_threads(args.threads)
         rows = add_cost(args.add_cost)
