@@ -294,6 +294,26 @@ def test_loaded_index_searches_with_its_recorded_model(tmp_path: Path, photo_fol
     assert added.ids == [] and added.skipped == [(str(photo_folder / "a" / "01.png"), "already in the index")]
 
 
+def test_metadata_list_stays_aligned_when_images_are_skipped(tmp_path: Path, photo_folder: Path) -> None:
+    import shutil
+
+    model = tiny_backbone(0)
+    shutil.copytree(photo_folder / "a", tmp_path / "a")
+    index = Index.build([tmp_path / "a" / "01.png", tmp_path / "a" / "03.png"], model=model, kind="flat",
+                        num_workers=0, metadata=[{"n": 1}, {"n": 3}])
+    assert [index.get(i) for i in range(2)] == [{"id": 0, "path": "01.png", "metadata": {"n": 1}},
+                                                {"id": 1, "path": "03.png", "metadata": {"n": 3}}]
+    broken = tmp_path / "a" / "broken.png"
+    broken.write_bytes(b"not an image")
+    items = [tmp_path / "a" / "01.png", broken, tmp_path / "a" / "05.png", tmp_path / "a" / "07.png"]
+    res = index.add(items, metadata=[{"n": 1}, {"n": -1}, {"n": 5}, {"n": 7}], num_workers=0)
+    assert [index.get(i)["metadata"] for i in res.ids] == [{"n": 5}, {"n": 7}]
+    assert [index.get(i)["path"] for i in res.ids] == ["05.png", "07.png"]
+    assert {name for name, _ in res.skipped} == {str(items[0]), str(broken)}
+    with pytest.raises(ValueError, match="metadata has 1 entries for 2 images"):
+        index.add(items[2:], metadata=[{}], num_workers=0)
+
+
 def test_corrupt_query_image_named_in_one_line(tmp_path: Path, photo_folder: Path) -> None:
     model = tiny_backbone(0)
     index = Index.build(photo_folder, model=model, kind="flat", num_workers=0)

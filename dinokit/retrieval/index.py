@@ -196,11 +196,13 @@ class Index:
         load the model again) defaults to the source ``dinokit.load`` was given, made absolute for
         local paths. ``metadata``: as in :meth:`from_features`.
         """
+        from dinokit.data.images import list_images
         from dinokit.embedding import embed  # the vision stack: see the note at the top
 
         images: str | list[str]
         if isinstance(folder_or_paths, (str, os.PathLike)) and Path(folder_or_paths).is_dir():
             root, images = _abs(folder_or_paths), os.fspath(folder_or_paths)
+            metadata = _by_input(metadata, lambda: [_abs(p) for p in list_images(folder_or_paths)])
         else:
             items = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
             given = [Path(_abs(p)) for p in items]
@@ -208,6 +210,7 @@ class Index:
                 raise ValueError("no images given to index")
             root = os.path.commonpath([str(p.parent) for p in given])
             images = [str(p) for p in given]
+            metadata = _by_input(metadata, lambda: images)
         emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
                     image_size=image_size, features=feature, progress=progress)
         if len(emb.paths) == 0:
@@ -413,8 +416,10 @@ class Index:
         else:
             if items is None:
                 raise ValueError("add() needs a folder, image paths, or features= and paths=")
-            x, embedded, skipped, new_roots = self._embed_new(items, model, batch_size=batch_size, device=device,
-                                                         num_workers=num_workers, progress=progress)
+            candidates, new_roots = _candidates(items)
+            metadata = _by_input(metadata, lambda: [str(p) for p in candidates])
+            x, embedded, skipped = self._embed_new(candidates, model, batch_size=batch_size, device=device,
+                                                   num_workers=num_workers, progress=progress)
             raw = list(embedded)
         if len(x) and x.shape[1] != self.dim:
             raise ValueError(f"features have dimension {x.shape[1]}, the index holds dimension {self.dim}")
@@ -430,30 +435,23 @@ class Index:
         self._store.snapshot()
         return AddResult(ids, skipped)
 
-    def _embed_new(self, items: Any, model: Any, **kw: Any) -> tuple[np.ndarray, list[str], list[tuple[str, str]], list[str]]:
-        """Embed the images of ``items`` not yet in the index: (vectors, absolute paths, skipped, new roots)."""
-        from dinokit.data.images import list_images  # the vision stack: see the note at the top
-        from dinokit.embedding import embed
+    def _embed_new(self, candidates: list[Path], model: Any, **kw: Any
+                   ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """Embed the images among ``candidates`` not yet in the index: (vectors, absolute paths, skipped)."""
+        from dinokit.embedding import embed  # the vision stack: see the note at the top
 
         model = self._model_for(model, "add(images)")
         self._check_model(model)
-        if isinstance(items, (str, os.PathLike)) and Path(items).is_dir():
-            candidates = [Path(_abs(p)) for p in list_images(items)]
-            folders = [_abs(items)]
-        else:
-            single = isinstance(items, (str, os.PathLike))
-            candidates = [Path(_abs(p)) for p in ([items] if single else items)]
-            folders = sorted({str(p.parent) for p in candidates})
         present = self._store.live_ids_of([self._key(p) for p in candidates])
         skipped = [(str(p), "already in the index") for p in candidates if self._key(p) in present]
         todo = [p for p in candidates if self._key(p) not in present]
         if not todo:
-            return np.zeros((0, self.dim), np.float32), [], skipped, []
+            return np.zeros((0, self.dim), np.float32), [], skipped
         emb = embed(model, [str(p) for p in todo], features=self.feature, image_size=self.image_size, **kw)
         skipped += [(str(p), reason) for p, reason in emb.skipped]
         paths = [str(_match_path(p, todo)) for p in emb.paths]
         x = normalize(emb.features) if paths else np.zeros((0, self.dim), np.float32)
-        return x, paths, skipped, folders
+        return x, paths, skipped
 
     def _add_roots(self, folders: list[str]) -> None:
         roots = list(self._store.meta().get("roots") or [])
@@ -720,6 +718,29 @@ def _settings(dim: int, kind: str, knobs: dict[str, Any], model_info: dict[str, 
     return {"dim": int(dim), "kind": kind, "knobs": dict(knobs), "model": model_info, "feature": feature,
             "image_size": image_size, "root": root_s, "roots": [root_s] if root_s else [],
             "main_kind": None, "main_knobs": None, "metric": "inner_product", "normalized": True}
+
+
+def _candidates(items: Any) -> tuple[list[Path], list[str]]:
+    """The image files ``items`` (a folder, a path or paths) names, absolute, and their folders."""
+    from dinokit.data.images import list_images  # the vision stack: see the note at the top
+
+    if isinstance(items, (str, os.PathLike)) and Path(items).is_dir():
+        return [Path(_abs(p)) for p in list_images(items)], [_abs(items)]
+    single = isinstance(items, (str, os.PathLike))
+    candidates = [Path(_abs(p)) for p in ([items] if single else items)]
+    return candidates, sorted({str(p.parent) for p in candidates})
+
+
+def _by_input(metadata: MetadataLike | None, inputs: Any) -> MetadataLike | None:
+    """A metadata list given for input images (in input order) as a mapping absolute path -> dict, so
+    that it stays aligned when some images are skipped; ``inputs()`` gives the absolute input paths."""
+    if metadata is None or isinstance(metadata, (str, os.PathLike, Mapping)):
+        return metadata
+    rows, names = list(metadata), list(inputs())
+    if len(rows) != len(names):
+        raise ValueError(f"metadata has {len(rows)} entries for {len(names)} images "
+                         "(one dict per image, in input order)")
+    return {str(n): (m if m is not None else {}) for n, m in zip(names, rows, strict=True)}
 
 
 def _metadata_rows(metadata: MetadataLike | None, keys: Sequence[str | None], raw: Sequence[str | None],
