@@ -4,6 +4,7 @@ kind, across the main index and small segments, with removed items; metadata fil
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import faiss
@@ -142,3 +143,13 @@ def test_search_by_id_get_resolve_roots(tmp_path: Path) -> None:
     row = again.search_by_id(8, k=2).to_list()[0]["results"][0]
     assert row == {"rank": 1, "id": 8, "path": "8.png", "score": pytest.approx(1.0, abs=1e-5), "metadata": meta[8]}
     assert "SearchResult(queries=1, k=2" in repr(again.search_by_id(8, k=2))
+    # a store saved elsewhere is a complete, independent copy; stale temp folders of a killed save go
+    stale = tmp_path / ".copy.tmp-dead"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    again.save(tmp_path / "copy")
+    assert not stale.exists()
+    copy = Index.load(tmp_path / "copy")
+    assert copy.count == 49 and copy.get(8) == again.get(8) and copy.folder == tmp_path / "copy"
+    copy.add(features=x[:1] * -1, paths=["other.png"])
+    assert copy.count == 50 and again.count == 49

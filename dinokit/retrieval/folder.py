@@ -7,10 +7,13 @@ rewrote all three on every change. Such folders open read-only; ``dinokit index 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import Any
 
 from dinokit.retrieval.kinds import faiss
 from dinokit.retrieval.store import DB_FILE
+
+log = logging.getLogger(__name__)
 
 V1_INDEX_FILE = "index.faiss"
 V1_META_FILE = "meta.json"
@@ -48,6 +53,7 @@ def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
     so at every instant ``folder`` is the complete old or the complete new index (or briefly absent)."""
     check_index_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders; an index folder may be shared
     try:
@@ -63,6 +69,18 @@ def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _remove_stale(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Remove temp folders an interrupted save of ``folder`` left beside it (old enough that no save
+    can still be writing them)."""
+    now = time.time()
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
+        for p in folder.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                    log.info("%s: removing a folder left by an interrupted save", p)
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 def _umask() -> int:
