@@ -671,7 +671,7 @@ class Index:
         meta = snap.meta
         return {
             "format_version": FORMAT_VERSION if self._origin is None else 1,
-            "folder": None if self.folder is None else str(self.folder),
+            "folder": self._origin if self.folder is None else str(self.folder),
             "read_only": self.read_only or self._origin is not None,
             "count": snap.count,
             "ntotal": snap.ntotal,
