@@ -459,16 +459,16 @@ class Index:
         if new:
             self._store.set_meta({"roots": roots + new})
 
-    def remove(self, ids: Iterable[int]) -> int:
+    def remove(self, ids: Iterable[int], *, compact: bool = True) -> int:
         """Remove items by id (unknown or removed ids are ignored); returns how many were removed.
 
         Removed items are filtered out at search time; once a quarter of the stored vectors are
-        removed the index is compacted."""
+        removed the index is compacted (unless ``compact=False``: a server compacts in the background)."""
         self._writable()
         with self._store.write_lock():
             n = self._store.mark_deleted([int(i) for i in ids])
         snap = self._store.snapshot()
-        if n and len(snap.deleted) > _COMPACT_FRACTION * snap.ntotal:
+        if compact and n and len(snap.deleted) > _COMPACT_FRACTION * snap.ntotal:
             self.compact()
         return n
 
