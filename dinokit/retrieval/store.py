@@ -3,7 +3,7 @@
 Folder layout (format version 2)::
 
     index.db             SQLite: meta (settings), items (id, path, metadata, deleted, segment, row),
-                         segments (name, role, n, first_id, kind)
+                         fields (filterable metadata), segments (name, role, n, first_id, kind)
     write.lock           fcntl lock file: writers across processes take it in turn
     seg-<gen>-<uid>.npy  a small segment: float32 (n, D) unit vectors of ids first_id .. first_id+n-1
     main-<gen>-<uid>.npy the compacted vectors (float32 (n, D)), .ids.npy their ids (sorted), and
@@ -16,7 +16,12 @@ that no row names: removed by the next writer) or the new one. Readers read one 
 they never see half a write; segment files are never modified, only replaced by a later commit.
 An add writes O(new items) bytes: the new segment, its rows, and (amortized) merges of small
 segments (each merge joins the two newest when the older is at most twice the newer, so there are
-O(log n) small segments). ``compact`` folds everything into one main index.
+O(log n) small segments). ``compact`` folds everything into one main index: it claims the current
+segments (a meta entry naming them and its pid: merges leave them alone, a dead claimant's claim is
+ignored), builds the new index without holding the lock, then writes and swaps it in by one commit.
+
+Filters: every item's top-level scalar metadata fields are also rows of ``fields`` (key, type,
+value, id; primary key in that order), so an equality filter is an index lookup per key.
 """
 
 from __future__ import annotations
