@@ -6,6 +6,8 @@ rotated into 384-d, plus isotropic noise. Queries come from the same distributio
 Recall@10 is measured against the exact (flat) index on the same data.
 
     .venv/bin/python benchmarks/retrieval.py --sizes 100000 1000000 --queries 1000 --json out.json
+    .venv/bin/python benchmarks/retrieval.py --add-cost 1000 100000     # the store's cost per add
+    .venv/bin/python benchmarks/retrieval.py --store-search 200000 --kinds ivfpq   # filters, removals, segments
 
 Prints a markdown table (paste it into benchmarks/RESULTS.md). Timings on a shared machine are
 noisy; the exact kind, measured in the same process, is the baseline for the speed-up column.
@@ -33,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinokit.retrieval.index import Index, set_num_threads
+from dinokit.retrieval.index import Index
+from dinokit.retrieval.kinds import set_num_threads
 
 
 def clustered(n: int, dim: int = 384, sub: int = 64, n_clusters: int = 2000, spread: float = 0.6,
@@ -59,12 +62,95 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def file_bytes(index: Index) -> int:
+    """Bytes of the FAISS index file of the main segment (what version-1 folders stored)."""
     import faiss
 
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "i.faiss")
-        faiss.write_index(index._index, p)
-        return os.path.getsize(p)
+    main = next(s for s in index._store.snapshot().segments if s.role == "main")
+    if main.kind == "flat":
+        return int(main.vectors.nbytes) + 45  # IndexFlatIP file: the vectors plus a header
+    return len(faiss.serialize_index(main.index))
+
+
+def _bytes_written() -> int:
+    """Bytes this process passed to write(2) so far (Linux /proc/self/io wchar)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no wchar in /proc/self/io (Linux only)")
+
+
+def add_cost(sizes: list[int], batch: int = 10, n_adds: int = 30, dim: int = 384) -> list[dict[str, Any]]:
+    """Bytes written and milliseconds per ``add`` of ``batch`` vectors to a saved store of n items,
+    against what the version-1 format rewrote per add (the whole FAISS file and paths.json)."""
+    rows = []
+    for n in sizes:
+        x = clustered(n + batch * n_adds, dim=dim, seed=n)
+        paths = [f"photos/{i:08d}.jpg" for i in range(len(x))]
+        with tempfile.TemporaryDirectory() as d:
+            folder = Path(d) / "idx"
+            Index.from_features(x[:n], paths[:n], kind="flat").save(folder)
+            index = Index.load(folder)
+            v1_bytes = file_bytes(index) + len(json.dumps(paths[:n]))
+            costs, times = [], []
+            for j in range(n_adds):
+                s = n + j * batch
+                before, t = _bytes_written(), time.perf_counter()
+                index.add(features=x[s:s + batch], paths=paths[s:s + batch],
+                          metadata=[{"sku": f"s{i}"} for i in range(s, s + batch)])
+                times.append(1000 * (time.perf_counter() - t))
+                costs.append(_bytes_written() - before)
+            assert index.count == n + batch * n_adds
+        row = {"n": n, "batch": batch, "adds": n_adds, "bytes_per_add_median": float(np.median(costs)),
+               "bytes_per_add_mean": float(np.mean(costs)), "ms_per_add_median": float(np.median(times)),
+               "ms_per_add_p90": float(np.percentile(times, 90)), "v1_bytes_per_add": v1_bytes}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def store_search(n: int, kind: str, dim: int = 384, repeat: int = 20) -> list[dict[str, Any]]:
+    """One-query latency (ms) of an index of n items with metadata: plain, filtered (0.1% / 50% / two
+    keys passing), with 1% removed, and with small segments added after the build."""
+    x = clustered(n + 100, dim=dim, seed=2)
+    q, x = x[n:], x[:n]
+    meta = [{"sku": f"s{i % 1000}", "shop": "ab"[i % 2]} for i in range(n)]
+    index = Index.from_features(x, [f"p/{i}" for i in range(n)], kind=kind, metadata=meta)
+    rows = []
+
+    def run(case: str, **kw: Any) -> None:
+        t = time.perf_counter()
+        index.search_vectors(q[99], k=10, **kw)  # first call: filters are looked up, then remembered
+        first = 1000 * (time.perf_counter() - t)
+        lat = []
+        for i in range(repeat):
+            t = time.perf_counter()
+            index.search_vectors(q[i], k=10, **kw)
+            lat.append(1000 * (time.perf_counter() - t))
+        row = {"n": n, "kind": index.kind, "case": case, "first_ms": first,
+               "median_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    run("no filter")
+    run("filter, 0.1% pass", filter={"sku": "s7"})
+    run("filter, 50% pass", filter={"shop": "a"})
+    run("filter, two keys, 0.05% pass", filter={"shop": "b", "sku": "s7"})
+    index.remove(range(0, n, 100))
+    run("no filter, 1% removed")
+    for j in range(5):
+        index.add(features=q[j * 10:(j + 1) * 10], paths=[f"new/{j}/{i}" for i in range(10)])
+    run("no filter, 1% removed, 5 adds pending in small segments")
+    return rows
+
+
+def add_cost_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| items in the index | add of | bytes written per add (median / mean) | ms per add (median / p90) "
+             "| version-1 format: bytes rewritten per add |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['batch']} vectors | {r['bytes_per_add_median']:,.0f} / "
+                     f"{r['bytes_per_add_mean']:,.0f} | {r['ms_per_add_median']:.1f} / {r['ms_per_add_p90']:.1f} "
+                     f"| {r['v1_bytes_per_add']:,} |")
+    return "\n".join(lines)
 
 
 def measure(index: Index, q: np.ndarray, truth: np.ndarray, n_single: int, **search_kw: Any) -> dict[str, Any]:
@@ -193,8 +279,28 @@ def main() -> None:
     ap.add_argument("--features", default=None,
                     help="real features instead of synthetic ones: a dinokit feature file or fashion-mnist")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw rows here")
+    ap.add_argument("--add-cost", type=int, nargs="+", default=None, metavar="N",
+                    help="instead: bytes written and ms per add of 10 vectors to a store of N items")
+    ap.add_argument("--store-search", type=int, default=None, metavar="N",
+                    help="instead: one-query latency with filters, removals and pending segments at N items")
     args = ap.parse_args()
     import faiss
+
+    if args.store_search:
+        set_num_threads(args.threads)
+        rows = [r for kind in args.kinds for r in store_search(args.store_search, kind)]
+        print("\n| n | kind | case | first query ms | median ms | p90 ms |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['n']:,} | {r['kind']} | {r['case']} | {r['first_ms']:.1f} | {r['median_ms']:.2f} "
+                  f"| {r['p90_ms']:.2f} |")
+        return
+    if args.add_cost:
+        set_num_threads(args.threads)
+        rows = add_cost(args.add_cost)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        print("\n" + add_cost_markdown(rows))
+        return
 
     print(f"faiss {faiss.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads", flush=True)

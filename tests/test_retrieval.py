@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,8 @@ from PIL import Image
 
 import dinokit
 from dinokit.data.images import ImageError
-from dinokit.retrieval.index import Index, ModelMismatchError, choose_kind, set_num_threads
+from dinokit.retrieval.index import Index, ModelMismatchError
+from dinokit.retrieval.kinds import choose_kind, set_num_threads
 
 
 @pytest.fixture(autouse=True)
@@ -116,15 +117,15 @@ def test_auto_choice_rule() -> None:
 def test_save_load_round_trip(tmp_path: Path, data, kind: str) -> None:
     x, q = data["x"], data["q"]
     ident = {"name": "m", "fingerprint": "abc123", "input_size": [3, 32, 32]}
-    index = Index.from_features(x, names(len(x)), kind=kind, model_identity=ident, feature_kind="cls")
+    index = Index.from_features(x, names(len(x)), kind=kind, model_info=ident, feature="cls")
     before = index.search(q, k=5)
     index.save(tmp_path / "idx")
     index.save(tmp_path / "idx")  # overwriting an existing index folder works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp folders left behind
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
-    assert meta["format_version"] == 1 and meta["kind"] == kind and meta["model"] == ident
-    assert meta["feature_kind"] == "cls" and meta["dim"] == 32 and meta["count"] == len(x)
     loaded = Index.load(tmp_path / "idx")
+    meta = loaded.info()
+    assert meta["format_version"] == 2 and meta["kind"] == kind and meta["model"] == ident
+    assert meta["feature"] == "cls" and meta["dim"] == 32 and meta["count"] == len(x)
     after = loaded.search(q, k=5)
     np.testing.assert_array_equal(before.ids, after.ids)
     np.testing.assert_array_equal(before.paths, after.paths)
@@ -147,10 +148,9 @@ def test_save_never_replaces_a_non_index_folder(tmp_path: Path) -> None:
 
 def test_load_rejects_newer_format(tmp_path: Path) -> None:
     Index.from_features(clustered(50), names(50), kind="flat").save(tmp_path / "idx")
-    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
-    meta["format_version"] = 99
-    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"meta\.json: index format version 99 is not supported"):
+    with sqlite3.connect(tmp_path / "idx" / "index.db") as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
+    with pytest.raises(ValueError, match=r"index\.db: index format version 99 is not supported"):
         Index.load(tmp_path / "idx")
     with pytest.raises(FileNotFoundError, match="no such index folder"):
         Index.load(tmp_path / "nope")
@@ -160,9 +160,10 @@ def test_add_skips_paths_already_present(data) -> None:
     x = data["x"][:300]
     index = Index.from_features(x[:200], names(200), kind="flat")
     added = index.add(features=x[100:300], paths=names(300)[100:300])
-    assert added == 100 and len(index) == 300 and index.ntotal == 300
+    assert added.ids == list(range(200, 300)) and len(index) == 300 and index.ntotal == 300
+    assert added.skipped == [(p, "already in the index") for p in names(200)[100:]]
     assert index.paths == names(300)
-    assert index.add(features=x[:10], paths=names(10)) == 0
+    assert len(index.add(features=x[:10], paths=names(10)).ids) == 0
     res = index.search(x[250:251], k=1)
     assert res.paths[0, 0] == names(300)[250]
     np.testing.assert_allclose(index.vectors([names(300)[250]]), x[250:251], rtol=0, atol=1e-6)
@@ -174,14 +175,14 @@ def test_remove(data, kind: str) -> None:
     index = Index.from_features(x, names(len(x)), kind=kind)
     first = index.search(q, k=10)
     gone = sorted({p for row in first.paths[:, :3] for p in row})
-    assert index.remove(gone) == len(gone)
-    assert index.remove(["not/there.png"]) == 0
+    assert index.remove([index.id_of(p) for p in gone]) == len(gone)
+    assert index.remove([10**9, int(first.ids[0, 0])]) == 0  # unknown, already removed
     res = index.search(q, k=10)
     assert not set(res.paths.ravel()) & set(gone)
     assert len(index) == len(x) - len(gone)
     # remove a third: the index is compacted and still answers like brute force on what is left
     third = names(len(x))[::3]
-    index.remove(third)
+    index.remove(range(0, len(x), 3))
     assert index.ntotal == len(index)  # compacted
     dropped = set(third) | set(gone)
     keep = [i for i, p in enumerate(names(len(x))) if p not in dropped]
@@ -205,7 +206,7 @@ def test_search_knob_validation(data) -> None:
 
 
 def test_feature_kind_mismatch(data) -> None:
-    index = Index.from_features(data["x"][:100], names(100), kind="flat", feature_kind="cls")
+    index = Index.from_features(data["x"][:100], names(100), kind="flat", feature="cls")
     with pytest.raises(ModelMismatchError, match="'cls\\+avgpool' features but the index holds 'cls'"):
         index.search(data["q"][:2], k=3, feature_kind="cls+avgpool")
     with pytest.raises(ModelMismatchError, match="dimension 16"):
@@ -258,8 +259,8 @@ def test_add_folder_without_duplicates(tmp_path: Path, photo_folder: Path) -> No
     index = Index.build(root, model=model, kind="hnsw", num_workers=0)
     assert len(index) == 12
     shutil.copytree(photo_folder / "b", root / "b")
-    assert index.add(root, model=model, num_workers=0) == 12  # only the new folder's images
-    assert index.add(root, model=model, num_workers=0) == 0
+    assert len(index.add(root, model=model, num_workers=0).ids) == 12  # only the new folder's images
+    assert len(index.add(root, model=model, num_workers=0).ids) == 0
     assert len(index) == 24 and len(set(index.paths)) == 24 and "b/04.png" in index
     index.save(tmp_path / "idx")
     loaded = Index.load(tmp_path / "idx")
@@ -279,6 +280,38 @@ def test_model_mismatch_is_a_clear_error(tmp_path: Path, photo_folder: Path) -> 
     index.save(tmp_path / "idx")
     with pytest.raises(ValueError, match="needs model="):
         Index.load(tmp_path / "idx").search([photo_folder / "a" / "01.png"], k=3)
+
+
+def test_loaded_index_searches_with_its_recorded_model(tmp_path: Path, photo_folder: Path) -> None:
+    dinokit.save(tiny_backbone(0), tmp_path / "model")
+    model = dinokit.load(tmp_path / "model")
+    Index.build(photo_folder, model=model, kind="flat", num_workers=0).save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.model_info["source"] == str((tmp_path / "model").resolve())
+    res = loaded.search([photo_folder / "b" / "04.png"], k=1)  # no model=: the recorded source is loaded
+    assert res.paths[0, 0] == "b/04.png"
+    added = loaded.add([photo_folder / "a" / "01.png"], num_workers=0)
+    assert added.ids == [] and added.skipped == [(str(photo_folder / "a" / "01.png"), "already in the index")]
+
+
+def test_metadata_list_stays_aligned_when_images_are_skipped(tmp_path: Path, photo_folder: Path) -> None:
+    import shutil
+
+    model = tiny_backbone(0)
+    shutil.copytree(photo_folder / "a", tmp_path / "a")
+    index = Index.build([tmp_path / "a" / "01.png", tmp_path / "a" / "03.png"], model=model, kind="flat",
+                        num_workers=0, metadata=[{"n": 1}, {"n": 3}])
+    assert [index.get(i) for i in range(2)] == [{"id": 0, "path": "01.png", "metadata": {"n": 1}},
+                                                {"id": 1, "path": "03.png", "metadata": {"n": 3}}]
+    broken = tmp_path / "a" / "broken.png"
+    broken.write_bytes(b"not an image")
+    items = [tmp_path / "a" / "01.png", broken, tmp_path / "a" / "05.png", tmp_path / "a" / "07.png"]
+    res = index.add(items, metadata=[{"n": 1}, {"n": -1}, {"n": 5}, {"n": 7}], num_workers=0)
+    assert [index.get(i)["metadata"] for i in res.ids] == [{"n": 5}, {"n": 7}]
+    assert [index.get(i)["path"] for i in res.ids] == ["05.png", "07.png"]
+    assert {name for name, _ in res.skipped} == {str(items[0]), str(broken)}
+    with pytest.raises(ValueError, match="metadata has 1 entries for 2 images"):
+        index.add(items[2:], metadata=[{}], num_workers=0)
 
 
 def test_corrupt_query_image_named_in_one_line(tmp_path: Path, photo_folder: Path) -> None:

@@ -54,10 +54,11 @@ def test_index_build_add_search_info_remove(setup: dict[str, Path]) -> None:
     code, _, err = run("index", "build", setup["photos"], "--model", setup["model"], "--out", idx,
                        "--kind", "hnsw", "--knob", "ef_search=48", "--workers", "0")
     assert code == 0, err
-    assert sorted(p.name for p in idx.iterdir()) == ["index.faiss", "meta.json", "paths.json"]
-    meta = json.loads((idx / "meta.json").read_text())
+    assert "index.db" in {p.name for p in idx.iterdir()}
+    code, out, _ = run("index", "info", idx, "--json")
+    meta = json.loads(out)
     assert meta["kind"] == "hnsw" and meta["count"] == 16 and meta["knobs"]["ef_search"] == 48
-    assert meta["model_source"] == str(setup["model"].resolve())
+    assert meta["model"]["source"] == str(setup["model"].resolve())
 
     # the model recorded in the index is loaded when --model is not given
     q = setup["photos"] / "y" / "09.png"
@@ -75,18 +76,49 @@ def test_index_build_add_search_info_remove(setup: dict[str, Path]) -> None:
 
     code, _, err = run("index", "add", idx, setup["more"], setup["photos"], "--workers", "0")
     assert code == 0, err
-    assert "added 4 images; the index holds 20" in err
+    assert "added 4 images (16 skipped); the index holds 20" in err
     code, out, _ = run("index", "info", idx, "--json")
     info = json.loads(out)
-    assert info["count"] == 20 and info["kind"] == "hnsw" and info["feature_kind"] == "cls"
+    assert info["count"] == 20 and info["kind"] == "hnsw" and info["feature"] == "cls"
 
     code, _, err = run("index", "remove", idx, "x/01.png", "nope.png")
-    assert code == 0 and "removed 1 of 2" in err
+    assert code == 0 and "removed 1 of 2 items" in err
     code, out, _ = run("index", "search", idx, setup["photos"] / "x" / "01.png", "-k", "20", "--json")
     assert "x/01.png" not in {r["path"] for r in json.loads(out)[0]["results"]}
 
     code, out, _ = run("index", "info", idx)
     assert code == 0 and "hnsw" in out
+
+
+def test_index_metadata_filter_remove_by_id_compact(setup: dict[str, Path], tmp_path: Path) -> None:
+    meta = tmp_path / "shops.csv"
+    meta.write_text("path,shop\n" + "".join(f"{d}/{i:02d}.png,{'north' if d == 'x' else 'south'}\n"
+                                            for i in range(16) for d in ("x", "y") if (d == "x") == (i < 8)))
+    idx = tmp_path / "shops.index"
+    code, _, err = run("index", "build", setup["photos"], "--model", setup["model"], "--out", idx,
+                       "--metadata", meta, "--workers", "0")
+    assert code == 0, err
+    q = setup["photos"] / "x" / "01.png"
+    code, out, err = run("index", "search", idx, q, "-k", "20", "--filter", '{"shop": "south"}', "--json")
+    assert code == 0, err
+    results = json.loads(out)[0]["results"]
+    assert len(results) == 8 and all(r["path"].startswith("y/") and r["metadata"] == {"shop": "south"}
+                                     for r in results)
+    code, _, err = run("index", "search", idx, q, "--filter", "{not json")
+    assert code == 1 and "--filter" in err and "not JSON" in err
+    code, out, _ = run("index", "search", idx, q, "-k", "1", "--json")
+    top = json.loads(out)[0]["results"][0]
+    assert top["path"] == "x/01.png"
+    code, _, err = run("index", "remove", idx, str(top["id"]))
+    assert code == 0 and "removed 1 of 1 items; the index holds 15" in err
+    code, _, err = run("index", "add", idx, setup["more"], "--metadata", meta, "--workers", "0")
+    assert code == 0 and "added 4 images (0 skipped); the index holds 19" in err
+    code, _, err = run("index", "compact", idx)
+    assert code == 0 and "compacted: 19 items in one flat index" in err
+    code, out, _ = run("index", "info", idx, "--json")
+    info = json.loads(out)
+    assert info["count"] == info["ntotal"] == 19 and info["small_segments"] == 0
+    assert str(setup["more"].resolve()) in info["roots"]
 
 
 def test_index_search_errors(setup: dict[str, Path], tmp_path: Path) -> None:

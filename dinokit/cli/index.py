@@ -1,7 +1,8 @@
-"""The ``dinokit`` commands: index build/add/search/info/remove."""
+"""The ``dinokit index`` commands: build, add, search, info, remove, compact, migrate."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ import typer
 
 from dinokit.cli._common import _fail, _print_json, _progress, app, console, out
 
-index_app = typer.Typer(help="FAISS image search: build, add to, search and inspect an index.", no_args_is_help=True)
+index_app = typer.Typer(help="FAISS image search: build, add to, search, filter and inspect an index.",
+                        no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 # ---------------------------------------------------------------- retrieval: index build/add/search/info
@@ -19,7 +21,7 @@ app.add_typer(index_app, name="index")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 _KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW up to 250k, else IVF-PQ with exact re-rank; "
-              "see dinokit.retrieval.choose_kind), flat (exact), hnsw, ivfpq.")
+              "see dinokit.retrieval.kinds.choose_kind), flat (exact), hnsw, ivfpq.")
 
 
 def _parse_knobs(knobs: list[str] | None) -> dict[str, Any]:
@@ -51,25 +53,50 @@ def _index_model(index: Any, model_src: str | None) -> Any:
         _fail(f"cannot load model {src!r}: {exc}")
 
 
-def _load_index(path: Path) -> Any:
+def _load_index(path: Path, read_only: bool = False) -> Any:
     from dinokit.retrieval.index import Index
 
     try:
-        return Index.load(path)
+        return Index.load(path, read_only=read_only)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(_message(exc))
+
+
+def _parse_filter(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        flt = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--filter {text!r}: not JSON ({exc.msg}); expected an object such as '{{\"sku\": \"b\"}}'")
+    if not isinstance(flt, dict):
+        _fail(f"--filter {text!r}: expected a JSON object of field: value")
+    return flt
+
+
+def _message(exc: BaseException) -> str:
+    # KeyError's str() quotes its message
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, ValueError)
+
+
+_MODEL_HELP = "Model: registry name (dino_vits16), folder, file or HF repo id."
+_METADATA_HELP = ("Per-image metadata: a CSV, JSON-lines or parquet file with a 'path' column (paths as "
+                  "stored, as given, or absolute); the other columns become filterable fields.")
 
 
 @index_app.command("build")
 def index_build_cmd(
     folder: Path = typer.Argument(..., help="Folder of images, searched recursively."),
-    model: str = typer.Option(..., "--model", "-m",
-                              help="Model: registry name (dino_vits16), folder, file or HF repo id."),
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically)."),
     kind: str = typer.Option("auto", "--kind", help=_KIND_HELP),
     knob: list[str] | None = typer.Option(None, "--knob", help="Index knob KEY=VALUE, repeatable: hnsw M, "
                                           "ef_construction, ef_search; ivfpq nlist, pq_m, nprobe, "
                                           "k_factor, refine (flat|sq8)."),
+    metadata: Path | None = typer.Option(None, "--metadata", help=_METADATA_HELP),
     features: str = typer.Option("cls", "--features", help="Feature kind: cls, cls+avgpool, lastN."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
@@ -79,34 +106,30 @@ def index_build_cmd(
 ) -> None:
     """Embed every image under FOLDER and write a search index.
 
-    Example: dinokit index build photos/ --model dino_vits16 --out photos.index --kind hnsw
+    Example: dinokit index build photos/ --model dino_vits16 --out photos.index --metadata products.csv
     """
-    from dinokit.data.images import ImageError
     from dinokit.hub import load
-    from dinokit.retrieval.index import Index, check_index_target, set_num_threads
+    from dinokit.retrieval.folder import check_index_target
+    from dinokit.retrieval.index import Index
+    from dinokit.retrieval.kinds import set_num_threads
+    from dinokit.retrieval.metadata import read_metadata_file
 
     if kind not in ("auto", "flat", "hnsw", "ivfpq"):
         _fail(f"--kind {kind!r}: expected auto, flat, hnsw or ivfpq")
     try:
         check_index_target(out_dir)  # fail before the embedding work, not after
-    except FileExistsError as exc:
-        _fail(str(exc))
-    if threads:
-        set_num_threads(threads)
-    knobs = _parse_knobs(knob)
-    try:
+        meta = read_metadata_file(metadata) if metadata is not None else None
+        if threads:
+            set_num_threads(threads)
         net = load(model)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    bar, update = _progress("embedding")
-    try:
+        bar, update = _progress("embedding")
         with bar:
-            index = Index.build(folder, model=net, kind=kind, batch_size=batch_size, device=device,
-                                num_workers=workers, image_size=image_size, feature_kind=features,
-                                progress=update, **knobs)
+            index = Index.build(folder, model=net, kind=kind, metadata=meta, batch_size=batch_size, device=device,
+                                num_workers=workers, image_size=image_size, feature=features,
+                                progress=update, **_parse_knobs(knob))
         index.save(out_dir)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ImageError, ValueError) as exc:
-        _fail(str(exc))
+    except _ERRORS as exc:
+        _fail(str(exc).strip("'\""))
     console.print(f"indexed {len(index)} images ({index.kind}, dim {index.dim}) -> {out_dir}", highlight=False)
 
 
@@ -115,33 +138,40 @@ def index_add_cmd(
     index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
     items: list[Path] = typer.Argument(..., help="Folders or image files to add; paths already indexed are skipped."),
     model: str | None = typer.Option(None, "--model", "-m", help="Model (default: the one recorded in the index)."),
+    metadata: Path | None = typer.Option(None, "--metadata", help=_METADATA_HELP),
+    compact: bool = typer.Option(False, "--compact", help="Compact afterwards when it pays off "
+                                 "(many small segments or removed items)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: cuda if available)."),
     threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
 ) -> None:
-    """Add new images to an index (in place).
+    """Add new images to an index, in place; safe while other processes add, remove or search.
 
-    Example: dinokit index add photos.index photos/2024/
+    Example: dinokit index add photos.index photos/2024/ --metadata new.jsonl
     """
-    from dinokit.data.images import ImageError
-    from dinokit.retrieval.index import set_num_threads
+    from dinokit.retrieval.kinds import set_num_threads
+    from dinokit.retrieval.metadata import read_metadata_file
 
     if threads:
         set_num_threads(threads)
     index = _load_index(index_dir)
     net = _index_model(index, model)
-    added = 0
+    added, skipped = 0, 0
     try:
+        meta = read_metadata_file(metadata) if metadata is not None else None
         for item in items:
             bar, update = _progress(f"embedding {item}")
             with bar:
-                added += index.add(item if item.is_dir() else [item], model=net, batch_size=batch_size,
-                                   device=device, num_workers=workers, progress=update)
-        index.save(index_dir)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ImageError, ValueError) as exc:
-        _fail(str(exc))
-    console.print(f"added {added} images; the index holds {len(index)}", highlight=False)
+                res = index.add(item if item.is_dir() else [item], model=net, metadata=meta, batch_size=batch_size,
+                                device=device, num_workers=workers, progress=update)
+            added += len(res.ids)
+            skipped += len(res.skipped)
+        if compact and index.needs_compaction:
+            index.compact()
+    except _ERRORS as exc:
+        _fail(str(exc).strip("'\""))
+    console.print(f"added {added} images ({skipped} skipped); the index holds {len(index)}", highlight=False)
 
 
 @index_app.command("search")
@@ -149,6 +179,8 @@ def index_search_cmd(
     index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
     queries: list[Path] = typer.Argument(..., help="Query image files."),
     k: int = typer.Option(10, "-k", "--k", help="Results per query."),
+    filter_: str | None = typer.Option(None, "--filter", help='Metadata equality filter, JSON: \'{"sku": "b"}\' '
+                                       "(several keys must all match)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
     sheet: Path | None = typer.Option(None, "--sheet", help="Write a contact-sheet PNG: a row per query."),
     model: str | None = typer.Option(None, "--model", "-m", help="Model (default: the one recorded in the index)."),
@@ -158,19 +190,21 @@ def index_search_cmd(
 ) -> None:
     """Find the K most similar indexed images of each QUERY image (cosine similarity).
 
-    Example: dinokit index search photos.index query.jpg -k 5 --sheet results.png
+    Example: dinokit index search photos.index query.jpg -k 5 --filter '{"shop": "b"}' --sheet results.png
     """
-    from dinokit.data.images import ImageError
-    from dinokit.retrieval.index import ModelMismatchError, contact_sheet, set_num_threads
+    from dinokit.retrieval.kinds import set_num_threads
+    from dinokit.retrieval.sheet import contact_sheet
 
     if threads:
         set_num_threads(threads)
-    index = _load_index(index_dir)
+    flt = _parse_filter(filter_)
+    index = _load_index(index_dir, read_only=True)
     net = _index_model(index, model)
     try:
-        res = index.search([str(q) for q in queries], k=k, model=net, ef_search=ef_search, nprobe=nprobe)
-    except (ModelMismatchError, ImageError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        res = index.search([str(q) for q in queries], k=k, filter=flt, model=net, ef_search=ef_search,
+                           nprobe=nprobe)
+    except _ERRORS as exc:
+        _fail(_message(exc))
     if sheet is not None:
         contact_sheet(res, [str(q) for q in queries], sheet, index=index)
         console.print(f"contact sheet -> {sheet}", highlight=False)
@@ -181,11 +215,11 @@ def index_search_cmd(
 
     for row in res.to_list():
         table = Table(title=f"query: {row['query']}", title_justify="left")
-        table.add_column("rank", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("path")
+        for col in ("rank", "id", "score", "path", "metadata"):
+            table.add_column(col, justify="right" if col in ("rank", "id", "score") else "left")
         for r in row["results"]:
-            table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["path"])
+            meta = ", ".join(f"{key}={v}" for key, v in (r["metadata"] or {}).items())
+            table.add_row(str(r["rank"]), str(r["id"]), f"{r['score']:.4f}", r["path"], meta)
         out.print(table)
 
 
@@ -194,11 +228,11 @@ def index_info_cmd(
     index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Show what an index holds: count, kind, knobs, memory, model, feature kind.
+    """Show what an index holds: count, kind, knobs, segments, memory, model, feature kind.
 
     Example: dinokit index info photos.index
     """
-    info = _load_index(index_dir).info()
+    info = _load_index(index_dir, read_only=True).info()
     if as_json:
         _print_json(info)
         return
@@ -206,9 +240,7 @@ def index_info_cmd(
 
     table = Table(show_header=False, title=str(index_dir), title_justify="left")
     for key, value in info.items():
-        if key == "model" and isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        elif isinstance(value, dict):
+        if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         table.add_row(key, str(value))
     out.print(table)
@@ -217,18 +249,64 @@ def index_info_cmd(
 @index_app.command("remove")
 def index_remove_cmd(
     index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
-    paths: list[str] = typer.Argument(..., help="Stored paths to remove (as `index search` prints them)."),
+    items: list[str] = typer.Argument(..., help="Item ids (as `index search` prints them) or stored paths."),
 ) -> None:
-    """Remove images from an index (in place); unknown paths are ignored.
+    """Remove items from an index, in place; unknown ids and paths are ignored.
 
-    Example: dinokit index remove photos.index cats/001.jpg cats/002.jpg
+    Example: dinokit index remove photos.index 17 42 cats/003.jpg
     """
     index = _load_index(index_dir)
-    n = index.remove(paths)
+    ids = []
+    for item in items:
+        if item.lstrip("-").isdigit():
+            ids.append(int(item))
+        elif item in index:
+            ids.append(index.id_of(item))
     try:
-        index.save(index_dir)
-    except (FileExistsError, ValueError) as exc:
-        _fail(str(exc))
-    console.print(f"removed {n} of {len(paths)} paths; the index holds {len(index)}", highlight=False)
+        n = index.remove(ids)
+    except _ERRORS as exc:
+        _fail(_message(exc))
+    console.print(f"removed {n} of {len(items)} items; the index holds {len(index)}", highlight=False)
 
 
+@index_app.command("compact")
+def index_compact_cmd(
+    index_dir: Path = typer.Argument(..., help="Index folder written by `dinokit index build`."),
+    threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+) -> None:
+    """Fold small segments into the main index and drop removed vectors (crash-safe; kind auto re-decided).
+
+    Example: dinokit index compact photos.index
+    """
+    from dinokit.retrieval.kinds import set_num_threads
+
+    if threads:
+        set_num_threads(threads)
+    index = _load_index(index_dir)
+    try:
+        index.compact()
+    except _ERRORS as exc:
+        _fail(_message(exc))
+    console.print(f"compacted: {len(index)} items in one {index.kind} index", highlight=False)
+
+
+@index_app.command("migrate")
+def index_migrate_cmd(
+    old: Path = typer.Argument(..., help="Index folder of the old format (index.faiss, meta.json, paths.json)."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Write the new index here (default: "
+                                        "replace OLD in place, atomically)."),
+) -> None:
+    """Convert an index folder of the old format to the store format (ids, metadata, concurrent writers).
+
+    Example: dinokit index migrate photos.index --out photos.v2.index
+    """
+    from dinokit.retrieval.folder import is_v1_folder
+
+    if old.is_dir() and not is_v1_folder(old):
+        _fail(f"{old}: not an index of the old format (nothing to migrate)")
+    index = _load_index(old)
+    try:
+        index.save(out_dir or old)
+    except _ERRORS as exc:
+        _fail(_message(exc))
+    console.print(f"migrated {len(index)} items ({index.kind}) -> {out_dir or old}", highlight=False)
