@@ -165,13 +165,14 @@ def test_cli_train_runs_a_recipe_and_names_bad_keys(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["train", str(recipe), "--set", "optim.lrr=1", "--out", str(tmp_path / "run")])
     assert res.exit_code == 1 and "optim.lrr: unknown key (did you mean optim.lr?)" in res.output
-    res = runner.invoke(app, ["train", str(recipe), "--set", "max_iterations=1", "--out", str(tmp_path / "run")])
+    res = runner.invoke(app, ["train", str(recipe), "--set", "max_iterations=1", "--out", str(tmp_path / "run"),
+                              "--json"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    summary = json.loads(res.stdout)
     assert summary["iterations"] == 1 and summary["stopped"] == "max_iterations"
     res = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout[res.stdout.index("{"):])["iterations"] == 2
+    assert res.stdout.startswith("2 iterations (1 epochs)") and str(tmp_path / "run") in res.stdout
 
 
 def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) -> None:

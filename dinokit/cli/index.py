@@ -47,39 +47,22 @@ def _index_model(index: Any, model_src: str | None) -> Any:
     src = model_src or index.model_source
     if not src:
         _fail("the index does not record which model built it; pass --model SRC")
-    try:
-        return load(src)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(f"cannot load model {src!r}: {exc}")
+    return load(src)
 
 
 def _load_index(path: Path, read_only: bool = False) -> Any:
     from dinokit.retrieval.index import Index
 
-    try:
-        return Index.load(path, read_only=read_only)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(_message(exc))
+    return Index.load(path, read_only=read_only)
 
 
 def _parse_filter(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
-    try:
-        flt = json.loads(text)
-    except json.JSONDecodeError as exc:
-        _fail(f"--filter {text!r}: not JSON ({exc.msg}); expected an object such as '{{\"sku\": \"b\"}}'")
+    flt = json.loads(text)
     if not isinstance(flt, dict):
         _fail(f"--filter {text!r}: expected a JSON object of field: value")
     return flt
-
-
-def _message(exc: BaseException) -> str:
-    # KeyError's str() quotes its message
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-
-
-_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, ValueError)
 
 
 _MODEL_HELP = "Model: registry name (dino_vits16), folder, file or HF repo id."
@@ -116,20 +99,17 @@ def index_build_cmd(
 
     if kind not in ("auto", "flat", "hnsw", "ivfpq"):
         _fail(f"--kind {kind!r}: expected auto, flat, hnsw or ivfpq")
-    try:
-        check_index_target(out_dir)  # fail before the embedding work, not after
-        meta = read_metadata_file(metadata) if metadata is not None else None
-        if threads:
-            set_num_threads(threads)
-        net = load(model)
-        bar, update = _progress("embedding")
-        with bar:
-            index = Index.build(folder, model=net, kind=kind, metadata=meta, batch_size=batch_size, device=device,
-                                num_workers=workers, image_size=image_size, feature=features,
-                                progress=update, **_parse_knobs(knob))
-        index.save(out_dir)
-    except _ERRORS as exc:
-        _fail(str(exc).strip("'\""))
+    check_index_target(out_dir)  # fail before the embedding work, not after
+    meta = read_metadata_file(metadata) if metadata is not None else None
+    if threads:
+        set_num_threads(threads)
+    net = load(model)
+    bar, update = _progress("embedding")
+    with bar:
+        index = Index.build(folder, model=net, kind=kind, metadata=meta, batch_size=batch_size, device=device,
+                            num_workers=workers, image_size=image_size, feature=features,
+                            progress=update, **_parse_knobs(knob))
+    index.save(out_dir)
     console.print(f"indexed {len(index)} images ({index.kind}, dim {index.dim}) -> {out_dir}", highlight=False)
 
 
@@ -158,19 +138,16 @@ def index_add_cmd(
     index = _load_index(index_dir)
     net = _index_model(index, model)
     added, skipped = 0, 0
-    try:
-        meta = read_metadata_file(metadata) if metadata is not None else None
-        for item in items:
-            bar, update = _progress(f"embedding {item}")
-            with bar:
-                res = index.add(item if item.is_dir() else [item], model=net, metadata=meta, batch_size=batch_size,
-                                device=device, num_workers=workers, progress=update)
-            added += len(res.ids)
-            skipped += len(res.skipped)
-        if compact and index.needs_compaction:
-            index.compact()
-    except _ERRORS as exc:
-        _fail(str(exc).strip("'\""))
+    meta = read_metadata_file(metadata) if metadata is not None else None
+    for item in items:
+        bar, update = _progress(f"embedding {item}")
+        with bar:
+            res = index.add(item if item.is_dir() else [item], model=net, metadata=meta, batch_size=batch_size,
+                            device=device, num_workers=workers, progress=update)
+        added += len(res.ids)
+        skipped += len(res.skipped)
+    if compact and index.needs_compaction:
+        index.compact()
     console.print(f"added {added} images ({skipped} skipped); the index holds {len(index)}", highlight=False)
 
 
@@ -200,11 +177,8 @@ def index_search_cmd(
     flt = _parse_filter(filter_)
     index = _load_index(index_dir, read_only=True)
     net = _index_model(index, model)
-    try:
-        res = index.search([str(q) for q in queries], k=k, filter=flt, model=net, ef_search=ef_search,
-                           nprobe=nprobe)
-    except _ERRORS as exc:
-        _fail(_message(exc))
+    res = index.search([str(q) for q in queries], k=k, filter=flt, model=net, ef_search=ef_search,
+                       nprobe=nprobe)
     if sheet is not None:
         contact_sheet(res, [str(q) for q in queries], sheet, index=index)
         console.print(f"contact sheet -> {sheet}", highlight=False)
@@ -262,10 +236,7 @@ def index_remove_cmd(
             ids.append(int(item))
         elif item in index:
             ids.append(index.id_of(item))
-    try:
-        n = index.remove(ids)
-    except _ERRORS as exc:
-        _fail(_message(exc))
+    n = index.remove(ids)
     console.print(f"removed {n} of {len(items)} items; the index holds {len(index)}", highlight=False)
 
 
@@ -283,10 +254,7 @@ def index_compact_cmd(
     if threads:
         set_num_threads(threads)
     index = _load_index(index_dir)
-    try:
-        index.compact()
-    except _ERRORS as exc:
-        _fail(_message(exc))
+    index.compact()
     console.print(f"compacted: {len(index)} items in one {index.kind} index", highlight=False)
 
 
@@ -305,8 +273,5 @@ def index_migrate_cmd(
     if old.is_dir() and not is_v1_folder(old):
         _fail(f"{old}: not an index of the old format (nothing to migrate)")
     index = _load_index(old)
-    try:
-        index.save(out_dir or old)
-    except _ERRORS as exc:
-        _fail(_message(exc))
+    index.save(out_dir or old)
     console.print(f"migrated {len(index)} items ({index.kind}) -> {out_dir or old}", highlight=False)

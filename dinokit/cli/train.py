@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from dinokit.cli._common import _fail, _print_json, app, console
+from dinokit.cli._common import JsonOpt, _fail, _print_json, app, console, out
 
 # ---------------------------------------------------------------- training: train
 
@@ -20,16 +21,17 @@ def train_cmd(
     out_dir: Path = typer.Option(None, "--out", help="Run folder (default: runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint.pth."),
     init: str = typer.Option(None, "--init", help="Start from a full checkpoint (heads included) or any dinokit.load source."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a DINO model (multi-crop, EMA teacher, centering + sharpening); torchrun for several GPUs.
 
-    The run folder gets config.json (the resolved recipe), checkpoint.pth (atomic, every checkpoint_every epochs and at the end), log_iter.jsonl, log_epoch.jsonl, log_knn.jsonl and summary.json, also printed as JSON at the end. A misspelled key is an error naming it.
+    The run folder gets config.json (the resolved recipe), checkpoint.pth (atomic, every checkpoint_every epochs and at the end), log_iter.jsonl, log_epoch.jsonl, log_knn.jsonl and summary.json (printed with --json). A misspelled key is an error naming it.
 
     Example: dinokit train recipes/fashion_mnist_cpu.yaml --set max_minutes=5 --out runs/fmnist
 
     Several GPUs: torchrun --nproc_per_node 8 -m dinokit.cli train recipes/dino_vits16_in1k.yaml --out runs/v
     """
-    from dinokit.training.config import ConfigError, load_config
+    from dinokit.training.config import load_config
 
     if recipe is None and not resume:
         _fail("give a RECIPE.yaml (or --resume with --out RUN_DIR)")
@@ -37,16 +39,13 @@ def train_cmd(
         if recipe is None:
             _fail("--resume without a recipe needs --out RUN_DIR")
         out_dir = Path("runs") / recipe.stem
-    try:
-        if recipe is None:
-            cfg_file = out_dir / "config.json"
-            if not cfg_file.is_file():
-                _fail(f"{cfg_file}: no config to resume from")
-            cfg = load_config(cfg_file, list(set_))
-        else:
-            cfg = load_config(recipe, list(set_))
-    except (ConfigError, FileNotFoundError) as e:
-        _fail(str(e))
+    if recipe is None:
+        cfg_file = out_dir / "config.json"
+        if not cfg_file.is_file():
+            _fail(f"{cfg_file}: no config to resume from")
+        cfg = load_config(cfg_file, list(set_))
+    else:
+        cfg = load_config(recipe, list(set_))
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -73,22 +72,23 @@ def train_cmd(
                 f"tt {stats['teacher_temp']:.3f} {stats['images_per_s']:.0f} img/s")
         bar.update(task, completed=done, total=total, stats=text)
 
-    try:
-        with bar if distributed.local_rank() == 0 else _nullctx():
-            summary = loop.train(cfg, out_dir, resume=resume, init=init, progress=update, callbacks=callbacks)
-    except loop.TrainingDiverged as e:
-        _fail(str(e))
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e).splitlines()[0])
+    with bar if distributed.local_rank() == 0 else nullcontext():
+        summary = loop.train(cfg, out_dir, resume=resume, init=init, progress=update, callbacks=callbacks)
     if distributed.is_main_process():
-        _print_json(summary)
+        if as_json:
+            _print_json(summary)
+        else:
+            out.print(_summary_line(summary), highlight=False, soft_wrap=True)
     distributed.shutdown()
 
 
-def _nullctx() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
+def _summary_line(s: dict[str, Any]) -> str:
+    """One readable line of a run's summary (the whole of it is RUN_DIR/summary.json)."""
+    knn = f", k-NN top-1 {s['knn']['top1']:.2f}%" if s.get("knn") else ""
+    loss = f", loss {s['final_loss']:.4f}" if s.get("final_loss") is not None else ""
+    stop = f" (stopped: {s['stopped']})" if s.get("stopped") else ""
+    return (f"{s['iterations']} iterations ({s['epochs_completed']} epochs) in {s['train_time_s'] / 60:.1f} min at "
+            f"{s['images_per_s']:.0f} img/s, {s['precision']}{loss}{knn}{stop} -> {s['run_dir']}")
 
 
 
