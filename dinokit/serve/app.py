@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from dinokit.serve import auth
 from dinokit.serve.backend import Backend, open_backend
-from dinokit.serve.batching import Batcher, Embedder
+from dinokit.serve.batching import Batcher, Embedder, SearchBatcher
 from dinokit.serve.limits import (
     DEFAULT_MAX_PIXELS,
     FORMATS,
@@ -80,6 +80,7 @@ class _State:
         self.batcher = Batcher(embedder, max_batch=config.max_batch if config.batching else 1,
                                max_wait_ms=config.max_wait_ms if config.batching else 0.0,
                                on_batch=metrics.observe_batch)
+        self.searcher = SearchBatcher(backend.search_vectors)
 
 
 def load_model_for(backend: Backend, source: str | Any | None) -> Any:
@@ -115,10 +116,12 @@ def create_app(config: ServeConfig, *, model: Any = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await state.batcher.start()
+        await state.searcher.start()
         log.info("serving %s: %d items, %s, batching %s", config.index, backend.count, backend.kind,
                  f"up to {config.max_batch} in {config.max_wait_ms} ms" if config.batching else "off")
         yield
         await state.batcher.stop()
+        await state.searcher.stop()
 
     app = FastAPI(title="dinokit serve", version="1", lifespan=lifespan,
                   description="Image search over DINO features: search by image, region, id or vector; "
@@ -204,6 +207,7 @@ def _filter(value: Any) -> dict[str, Any] | None:
 
 
 def _vector(value: Any, dim: int) -> np.ndarray:
+    """A JSON list -> a unit float32 vector (D,); ValueError for the wrong length, NaN or zeros."""
     try:
         x = np.asarray(value, dtype=np.float32).reshape(1, -1)
     except (TypeError, ValueError) as e:
@@ -212,7 +216,7 @@ def _vector(value: Any, dim: int) -> np.ndarray:
         raise ValueError(f"vector has {x.shape[1]} numbers, the index holds dimension {dim}")
     if not np.isfinite(x).all() or not np.linalg.norm(x):
         raise ValueError("vector: must be finite and non-zero")
-    return x / np.linalg.norm(x)
+    return (x / np.linalg.norm(x))[0]
 
 
 def _results(hits: list[Any], t0: float) -> JSONResponse:
@@ -312,8 +316,7 @@ async def _search_upload(state: _State, request: Request, t0: float) -> JSONResp
     data = await file.read()
     x = await run_in_threadpool(_prepare, state, data, file.filename or "file", form.get("box"))
     vec = await state.batcher.embed(x)
-    hits = await run_in_threadpool(state.backend.search_vectors, vec[None], k, filt)
-    return _results(hits[0], t0)
+    return _results(await state.searcher.search(vec, k, filt), t0)
 
 
 async def _search_json(state: _State, request: Request, t0: float) -> JSONResponse:
@@ -329,8 +332,7 @@ async def _search_json(state: _State, request: Request, t0: float) -> JSONRespon
             raise ValueError(f"id {body['id']!r}: expected an integer")
         hits = await run_in_threadpool(state.backend.search_by_id, body["id"], k, filt)
     else:
-        x = _vector(body["vector"], state.backend.dim)
-        hits = (await run_in_threadpool(state.backend.search_vectors, x, k, filt))[0]
+        hits = await state.searcher.search(_vector(body["vector"], state.backend.dim), k, filt)
     return _results(hits, t0)
 
 
