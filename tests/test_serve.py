@@ -442,3 +442,23 @@ def test_kill9_while_writing_loses_no_acknowledged_item(base, tmp_path: Path) ->
             assert c.get(f"/items/{item_id}/image").content == _png(BAG)
         assert c.get("/info").json()["count"] >= start_count + len(acked)
         assert len(set(acked)) == len(acked)
+
+
+def test_cors_is_off_unless_asked(server, base, model, tmp_path: Path) -> None:
+    from dinokit.serve.app import ServeConfig, create_app
+
+    evil = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    with server.client() as c:
+        assert "access-control-allow-origin" not in c.get("/healthz", headers=evil).headers
+        assert "access-control-allow-origin" not in c.options("/search", headers=evil).headers
+    app = create_app(ServeConfig(index=copy_index(base["index"], tmp_path / "index"), cors=("https://app.example",)),
+                     model=model)
+
+    async def calls() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            ok = await c.options("/search", headers={**evil, "Origin": "https://app.example"})
+            return ok, await c.options("/search", headers=evil)
+
+    ok, other = asyncio.run(calls())
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
