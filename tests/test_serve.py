@@ -155,6 +155,10 @@ def test_batcher_groups_concurrent_images_and_keeps_results(model: torch.nn.Modu
 
         return asyncio.run(main()), sizes
 
+    # the split preprocessing gives what dinokit.embed (eval_transform + compute_features) gives
+    paths = sorted((IMAGES / "val" / "Bag").glob("*.png"))[:8]
+    ref = dinokit.embed(model, [str(p) for p in paths], num_workers=0).features.numpy()
+    np.testing.assert_allclose(want, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
     got, sizes = run(4)
     assert sizes == [4, 4]
     np.testing.assert_allclose(got, want, atol=1e-5)

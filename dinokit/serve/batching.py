@@ -28,27 +28,44 @@ log = logging.getLogger(__name__)
 
 
 class Embedder:
-    """A model with its eval preprocessing and feature kind: PIL images -> unit-norm float32 vectors."""
+    """A model with its eval preprocessing and feature kind: PIL images -> unit-norm float32 vectors.
+
+    The eval transform of ``dinokit.embed`` (:func:`dinokit.data.transforms.eval_transform`: resize,
+    center crop, to [0, 1], normalize) is split in two: the PIL part runs per request on the request's
+    thread (:meth:`preprocess` -> uint8 (3, S, S), no torch math, so 32 concurrent requests do not each
+    start an OpenMP team beside the model), the float part runs once per batch on the model thread
+    (:meth:`forward`), with the same operations in the same order as ToTensor + Normalize.
+    """
 
     def __init__(self, model: nn.Module, *, feature: str = "cls", image_size: int | None = None,
                  device: str | torch.device | None = None) -> None:
-        from dinokit.data.transforms import eval_transform
+        from torchvision import transforms as T
+
+        from dinokit.data.transforms import preprocessing_config
         from dinokit.devices import resolve_device
         from dinokit.embedding import check_features
 
         self.feature = check_features(feature)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.transform = eval_transform(model, image_size)
+        p = preprocessing_config(model, image_size)
+        self.resize = T.Compose([T.Resize(p["resize_size"], interpolation=T.InterpolationMode(p["interpolation"]),
+                                          antialias=True), T.CenterCrop(p["crop_size"])])
+        self.mean = torch.tensor(p["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(p["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image (any mode) -> the model's eval input (3, S, S); the same recipe ``dinokit.embed`` uses."""
-        return self.transform(image)
+        """A PIL image (any mode) -> the resized, center-cropped RGB pixels, uint8 (3, S, S)."""
+        from dinokit.data.images import to_rgb
+
+        rgb = self.resize(image if image.mode == "RGB" else to_rgb(image))
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) -> L2-normalized features (B, D) float32 (cosine = inner product)."""
+        """uint8 pixels (B, 3, S, S) -> L2-normalized features (B, D) float32 (cosine = inner product)."""
         from dinokit.embedding import compute_features
 
+        x = x.float().div(255).sub_(self.mean).div_(self.std)  # = ToTensor + Normalize
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             y = compute_features(self.model, x.to(self.device), self.feature)
