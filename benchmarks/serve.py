@@ -280,40 +280,53 @@ def bare_throughput(model_dir: Path, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def image_phase(tmp: Path, model_name: str, clients: int, seconds: float, max_batch: int, rows: list[str]) -> None:
+def image_phase(tmp: Path, model_name: str, clients: int, seconds: float, max_batch: int, rounds: int,
+                rows: list[str]) -> None:
+    """Batching vs --no-batching vs the bare model, interleaved in ``rounds`` (the machine is shared:
+    load drifts by 2x within minutes, so each round measures every mode back to back)."""
     import dinokit
 
-    model_dir = image_model(model_name, tmp / "image-model")
+    model_dir = image_model(model_name, tmp / f"model-{model_name}")
     model = dinokit.load(str(model_dir))
     pics = jpegs(64, seed=1)
     emb = dinokit.embed(model, np.stack([np.asarray(_decode(p)) for p in pics]), batch_size=32, num_workers=0)
-    folder = write_index(tmp / "images", emb.features.numpy(), [f"img/{i}.jpg" for i in range(len(pics))],
+    folder = write_index(tmp / f"images-{model_name}", emb.features.numpy(), [f"img/{i}.jpg" for i in range(len(pics))],
                          model, model_dir, "flat", None)
     payloads = []
     for p in jpegs(32, seed=2):
         body, ctype = multipart({"k": "10"}, {"file": ("q.jpg", p)})
         payloads.append(request("/search", body, ctype))
-    # the machine is shared: measure the bare model before and after the servers, use the mean
-    bare_secs = max(4.0, seconds / 4)
-    bare_runs = [bare_throughput(model_dir, max_batch, bare_secs)]
-    one = bare_throughput(model_dir, 1, bare_secs)
-    results = []
-    for mode, args in (("dynamic batching", ["--max-batch", str(max_batch)]), ("--no-batching", ["--no-batching"])):
-        with server(folder, model_dir, *args) as port:
+    per = seconds / rounds
+    bare = {1: [], max_batch: []}
+    served: dict[str, list[dict[str, float]]] = {"dynamic batching": [], "--no-batching": []}
+    batches: dict[str, list[float]] = {"dynamic batching": [0.0, 0.0], "--no-batching": [0.0, 0.0]}
+    with server(folder, model_dir, "--max-batch", str(max_batch)) as p_batch, \
+            server(folder, model_dir, "--no-batching") as p_single:
+        ports = {"dynamic batching": p_batch, "--no-batching": p_single}
+        for port in ports.values():
             asyncio.run(load(port, payloads, 2, 2.0, 8))  # warm-up
-            f0, i0 = batch_stats(port)
-            r = asyncio.run(load(port, payloads, clients, seconds, 5_000))
-            f1, i1 = batch_stats(port)
-            results.append((mode, r, (i1 - i0) / max(1.0, f1 - f0)))
-    bare_runs.append(bare_throughput(model_dir, max_batch, bare_secs))
-    bare = float(np.mean(bare_runs))
-    rows.append(f"| bare model, batch {max_batch} (before / after the servers) | {model_name} | - | "
-                f"{bare:,.1f} img/s ({bare_runs[0]:,.1f} / {bare_runs[1]:,.1f}) | - | - | - |")
-    rows.append(f"| bare model, batch 1 | {model_name} | - | {one:,.1f} img/s | - | - | - |")
-    for mode, r, mean in results:
-        rows.append(f"| image query, k=10, {mode} | {model_name}, 64 items | {clients} clients | "
-                    f"{r['qps']:,.1f} img/s ({r['qps'] / bare:.2f} of bare batch {max_batch}; mean batch {mean:.1f}) | "
-                    f"{r['p50']:.0f} | {r['p99']:.0f} | {r['errors']} of {r['n']} |")
+        for _ in range(rounds):
+            for b in bare:
+                bare[b].append(bare_throughput(model_dir, b, per / 2))
+            for mode, port in ports.items():
+                f0, i0 = batch_stats(port)
+                served[mode].append(asyncio.run(load(port, payloads, clients, per, 5_000)))
+                f1, i1 = batch_stats(port)
+                batches[mode][0] += f1 - f0
+                batches[mode][1] += i1 - i0
+    ceiling = float(np.mean(bare[max_batch]))
+    for b, runs in bare.items():
+        rows.append(f"| bare model, batch {b} | {model_name} | - | {np.mean(runs):,.1f} img/s "
+                    f"(rounds: {' '.join(f'{v:.1f}' for v in runs)}) | - | - | - |")
+    for mode, runs in served.items():
+        qps = float(np.mean([r["qps"] for r in runs]))
+        mean_batch = batches[mode][1] / max(1.0, batches[mode][0])
+        per_round = " ".join(f"{r['qps']:.1f}" for r in runs)
+        rows.append(f"| image query, k=10, {mode} | {model_name}, 64 items | {clients} clients | {qps:,.1f} img/s "
+                    f"({qps / ceiling:.2f} of bare batch {max_batch}; mean batch {mean_batch:.1f}; rounds: "
+                    f"{per_round}) | {np.median([r['p50'] for r in runs]):.0f} | "
+                    f"{np.max([r['p99'] for r in runs]):.0f} | {sum(r['errors'] for r in runs)} of "
+                    f"{sum(r['n'] for r in runs)} |")
     print("\n".join(rows[-4:]), flush=True)
 
 
@@ -356,7 +369,8 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", help="index kind for the vector indexes")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
-    ap.add_argument("--image-model", default="vit_tiny", choices=["vit_tiny", "fashion"])
+    ap.add_argument("--image-models", nargs="+", default=["vit_tiny", "fashion"], choices=["vit_tiny", "fashion"])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the image comparison")
     ap.add_argument("--image-clients", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--writers", type=int, default=2)
@@ -377,7 +391,8 @@ def main() -> None:
                 folder = vector_phase(tmp, n, args.kind, args.clients, args.duration, rows)
                 first = first or folder
         if "images" not in args.skip:
-            image_phase(tmp, args.image_model, args.image_clients, args.duration * 2, args.max_batch, rows)
+            for name in args.image_models:
+                image_phase(tmp, name, args.image_clients, args.duration * 3, args.max_batch, args.rounds, rows)
         if "writes" not in args.skip and first is not None:
             write_phase(tmp, first, args.writers, args.duration, rows)
     finally:
