@@ -247,6 +247,7 @@ class LegacyBackend(Backend):
         self.index = Index.load(folder)
         self.metadata: dict[int, dict[str, Any]] = {}
         self.deleted: set[int] = set()
+        self._writing = threading.Lock()  # one add/remove at a time: ids follow the journal's order
         self.uploads.mkdir(exist_ok=True)
         self._journal = self.uploads / JOURNAL
         self._replay()
@@ -381,7 +382,9 @@ class LegacyBackend(Backend):
         if x.shape[1] != self.dim:
             raise ValueError(f"features have dimension {x.shape[1]}, the index holds dimension {self.dim}")
         keys = [os.path.abspath(p) for p in paths]
-        with self.lock.write():
+        # the fsync happens under the writers' mutex only: searches go on meanwhile, and are held
+        # back just for the in-memory add that follows it
+        with self._writing:
             taken = [k for k in keys if k in self.index]
             if taken:
                 raise ValueError(f"{taken[0]}: already in the index")
@@ -389,13 +392,15 @@ class LegacyBackend(Backend):
             ids = list(range(start, start + len(keys)))
             self._append({"op": "add", "ids": ids, "paths": keys, "metadata": metadata,
                           "vectors": base64.b64encode(x.tobytes()).decode()})
-            self.index.add(features=x, paths=keys)
-            self.metadata.update(zip(ids, metadata, strict=True))
+            with self.lock.write():
+                self.index.add(features=x, paths=keys)
+                self.metadata.update(zip(ids, metadata, strict=True))
         return ids, []
 
     def remove(self, item_id: int) -> bool:
-        with self.lock.write():
+        with self._writing:
             self._path(item_id)  # KeyError when unknown or already deleted
             self._append({"op": "remove", "ids": [item_id]})
-            self.deleted.add(item_id)
+            with self.lock.write():
+                self.deleted.add(item_id)
         return True
