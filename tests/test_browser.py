@@ -108,6 +108,11 @@ def test_page_search_click_box_and_add(server, tmp_path: Path) -> None:
             page.click("#add-btn")
             page.wait_for_function("() => document.getElementById('add-out').textContent.startsWith('added ids 400')")
             page.wait_for_function("() => document.getElementById('info').textContent.includes('401 items')")
+
+            # the API docs render offline (Swagger UI served by dinokit) and list the endpoints
+            page.goto(server.url + "/docs")
+            page.locator(".opblock-summary-path", has_text="/items/{item_id}/image").first.wait_for()
+            assert page.locator(".opblock-summary-path").count() >= 7
         finally:
             browser.close()
     assert errors == []

@@ -196,7 +196,9 @@ def test_read_endpoints(server, base, model) -> None:
         assert c.get("/static/app.js").status_code == 200 and c.get("/static/style.css").status_code == 200
         spec = c.get("/openapi.json").json()
         assert {"/search", "/items", "/items/{item_id}", "/items/{item_id}/image", "/info"} <= set(spec["paths"])
-        assert c.get("/docs").status_code == 200
+        docs = c.get("/docs")  # Swagger UI from this server: works offline
+        assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
+        assert c.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
         got = c.get("/items/0").json()
         assert got["id"] == 0 and got["path"].endswith(".png") and isinstance(got["metadata"], dict)
         img = c.get("/items/0/image")

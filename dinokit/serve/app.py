@@ -123,13 +123,14 @@ def create_app(config: ServeConfig, *, model: Any = None) -> FastAPI:
         await state.batcher.stop()
         await state.searcher.stop()
 
-    app = FastAPI(title="dinokit serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="dinokit serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image search over DINO features: search by image, region, id or vector; "
                               "add, get and delete items.")
     app.state.dinokit = state
     _add_error_handlers(app)
     _add_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_docs(app)
     if config.cors:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -138,6 +139,26 @@ def create_app(config: ServeConfig, *, model: Any = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 2**20))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI served by this server (swagger-ui-bundle-v2), so the docs work offline;
+    FastAPI's default page (scripts from a CDN) only when that package is missing."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # optional: the API works without it
+        swagger_ui_path = None
+    assets = {}
+    if swagger_ui_path is not None:
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+        assets = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                  "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="dinokit serve: API", **assets)
 
 
 # ------------------------------------------------------------------------------------ errors
