@@ -356,6 +356,11 @@ def test_client(server) -> None:
             client.get(added.ids[0])
     with dinokit.Client(server.url, token="bad") as wrong, pytest.raises(RuntimeError, match="HTTP 403"):
         wrong.add([BAG])
+    from test_serve_helpers import free_port
+
+    with dinokit.Client(f"http://127.0.0.1:{free_port()}", timeout=5) as nobody, \
+            pytest.raises(ConnectionError, match="cannot reach the server"):
+        nobody.info()
 
 
 def _burst(url: str, n: int, image: bytes) -> list[list[int]]:

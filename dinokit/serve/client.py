@@ -63,8 +63,13 @@ class Client:
     # ------------------------------------------------------------------ transport
 
     def _call(self, method: str, path: str, *, write: bool = False, **kw: Any) -> Any:
+        import httpx
+
         headers = {"Authorization": f"Bearer {self.token}"} if write and self.token else {}
-        r = self._http.request(method, path, headers=headers, **kw)
+        try:
+            r = self._http.request(method, path, headers=headers, **kw)
+        except httpx.TransportError as e:
+            raise ConnectionError(f"{self.url}: cannot reach the server ({type(e).__name__}: {e})") from e
         if r.status_code >= 400:
             try:
                 message = r.json().get("error", r.text)
