@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     # retrieval and attention
     "Index": "dinokit.retrieval.index",
     "SearchResult": "dinokit.retrieval.index",
+    "Client": "dinokit.serve.client",
     "last_selfattention": "dinokit.attention",
     "attention_maps": "dinokit.attention",
     # publishing
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dinokit.models.registry import list_models
     from dinokit.publish import export, push
     from dinokit.retrieval.index import Index, SearchResult
+    from dinokit.serve.client import Client
     from dinokit.training.config import TrainConfig
     from dinokit.training.loop import train
     from dinokit.training.loss import DINOLoss
