@@ -30,7 +30,8 @@ def _entry_point(name: str, description: str) -> Callable[..., nn.Module]:
         if pretrained:
             return load(name, **kwargs)
         e = get_entry(name)
-        model = create_backbone(e.arch, pretrained_cfg=e.pretrained_cfg, **{**e.model_args, **kwargs})
+        model = create_backbone(e.arch, pretrained_cfg=e.pretrained_cfg, pos_embed_resize=e.pos_embed_resize,
+                                **{**e.model_args, **kwargs})
         model.dinokit_name = f"{name} (random init)"
         return model
 

@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "list_models": "dinokit.models.registry",
     "embed": "dinokit.embedding",
     "Embeddings": "dinokit.embedding",
+    "compute_features": "dinokit.models.features",
     # training
     "DINOHead": "dinokit.models.head",
     "DINOLoss": "dinokit.training.loss",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dinokit.eval.knn import knn_classify
     from dinokit.eval.linear import linear_probe
     from dinokit.hub import load, save
+    from dinokit.models.features import compute_features
     from dinokit.models.head import DINOHead
     from dinokit.models.registry import list_models
     from dinokit.publish import export, push

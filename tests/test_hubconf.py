@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from conftest import make_tiny_vit
-from test_hub import _same, random_timm
+from test_hub import _same, official_v1_at, random_timm
 
 import dinokit
 from dinokit.models.registry import list_models
@@ -38,7 +38,8 @@ def test_torch_hub_load_official_entry(tmp_path: Path) -> None:
     torch.save(ref.state_dict(), ckpts / "dino_deitsmall16_pretrain.pth")
     model = torch.hub.load(REPO, "dino_vits16", source="local", trust_repo=True)
     assert not model.training
-    _same(model, ref, size=64, atol=1e-4)
+    _same(model, ref, size=224, atol=1e-4)
+    _same(model, official_v1_at(ref, 64), size=64, atol=1e-4)  # the official resize at other sizes
     random = torch.hub.load(REPO, "dino_vits16", source="local", pretrained=False, img_size=32, depth=1)
     assert random.num_features == 384 and random(torch.zeros(1, 3, 32, 32)).shape == (1, 384)
 
