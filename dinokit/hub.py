@@ -225,6 +225,9 @@ def _config_for(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
         mode = (config.get("dinokit") or {}).get("pos_embed_resize")
         if mode is None and "dinov2" in arch and "reg" not in arch:
             mode = "offset"  # a plain timm DINOv2 folder: the official resize
+        if "dinov3" in arch and "global_pool" not in cfg["model_args"]:
+            # timm's DINOv3 configs pool by average; the official models return the CLS token
+            cfg["model_args"]["global_pool"] = "token"
         cfg["pos_embed_resize"] = mode
     elif config.get("model_type") in _HF_MODEL_TYPES:  # HF transformers: shapes say the rest
         heads = {"num_heads": int(config["num_attention_heads"])} if "num_attention_heads" in config else {}

@@ -418,3 +418,42 @@ def test_load_registry_names_from_torch_hub_cache(tmp_path: Path, monkeypatch: p
     x = _x(256, 256, n=1)
     with torch.no_grad():
         assert (model(x) - ref(x)).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------ timm hub folders
+
+
+def _timm_hub_folder(folder: Path, arch: str, sd: dict[str, torch.Tensor], input_size: int) -> Path:
+    """A folder as timm publishes on the HF Hub: config.json without model_args, timm-layout weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    cfg = {"architecture": arch, "num_classes": 0, "num_features": D,
+           "pretrained_cfg": {"input_size": [3, input_size, input_size], "interpolation": "bicubic",
+                              "crop_pct": 1.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    (folder / "config.json").write_text(__import__("json").dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_timm_hub_dinov2_folder_gets_official_numerics(tmp_path: Path, registers: int) -> None:
+    from dinokit.models.dinov2 import dinov2_to_timm
+
+    sd = official_v2(30, registers=registers)
+    arch = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    folder = _timm_hub_folder(tmp_path / "t", arch, dinov2_to_timm(sd)[0], 518)
+    model = dinokit.load(folder, model_args={"embed_dim": D, "depth": DEPTH, "num_heads": HEADS})
+    x = _x(238, 322)
+    _check(model, ref_v2(sd, x, offset=0.0 if registers else 0.1, antialias=bool(registers)), x)
+
+
+def test_timm_hub_dinov3_folder_pools_by_cls(tmp_path: Path) -> None:
+    from dinokit.models.dinov3 import dinov3_to_timm
+
+    sd = official_v3(31)
+    folder = _timm_hub_folder(tmp_path / "t", "vit_small_patch16_dinov3_qkvb", dinov3_to_timm(sd)[0], 256)
+    model = dinokit.load(folder, model_args={"embed_dim": D, "depth": DEPTH, "num_heads": HEADS})
+    assert model.global_pool == "token"
+    x = _x(240, 320)
+    _check(model, ref_v3(sd, x), x)
