@@ -64,13 +64,14 @@ def official_models(root: Path) -> dict[str, Callable[[], torch.nn.Module]]:
         sys.path.insert(0, str(root / sub))
     import vision_transformer as dino_vit  # facebookresearch/dino
     from dinov2.hub.backbones import dinov2_vits14, dinov2_vits14_reg
-    from dinov3.hub.backbones import dinov3_vits16
+    from dinov3.hub.backbones import dinov3_convnext_tiny, dinov3_vits16
 
     return {
         "dino_vits16": lambda: dino_vit.vit_small(patch_size=16),
         "dinov2_vits14": lambda: dinov2_vits14(pretrained=False),
         "dinov2_vits14_reg": lambda: dinov2_vits14_reg(pretrained=False),
         "dinov3_vits16": lambda: _v3(dinov3_vits16),
+        "dinov3_convnext_tiny": lambda: dinov3_convnext_tiny(pretrained=False),
     }
 
 
@@ -88,14 +89,17 @@ def timm_as_timm_loads_it(name: str, sd: dict[str, torch.Tensor], built_at: int 
 
     arch = arch or {"dino_vits16": "vit_small_patch16_224", "dinov2_vits14": "vit_small_patch14_dinov2",
                     "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
-                    "dinov3_vits16": "vit_small_patch16_dinov3_qkvb"}[name]
-    args = {"num_classes": 0, "dynamic_img_size": True, **kwargs}
+                    "dinov3_vits16": "vit_small_patch16_dinov3_qkvb", "dinov3_convnext_tiny": "convnext_tiny"}[name]
+    args = {"num_classes": 0, **({} if arch.startswith("convnext") else {"dynamic_img_size": True}), **kwargs}
     if built_at is not None:
         args["img_size"] = built_at
     elif "dinov2" in arch:
         args["img_size"] = 518
     model = timm.create_model(arch, **args).eval()
-    filt = eva.checkpoint_filter_fn if "dinov3" in arch else vision_transformer.checkpoint_filter_fn
+    from timm.models import convnext
+
+    filt = (eva.checkpoint_filter_fn if "dinov3" in arch else convnext.checkpoint_filter_fn
+            if arch.startswith("convnext") else vision_transformer.checkpoint_filter_fn)
     model.load_state_dict(filt(dict(sd), model), strict=False)
     return model
 
@@ -115,7 +119,7 @@ def parity_rows(root: Path) -> list[tuple[str, str, str, float]]:
         sd = randomize(official, seed=i)
         torch.save(sd, tmp / f"{name}.pth")
         mine = dinokit.load(tmp / f"{name}.pth")
-        sizes = [(224, 224), (240, 320)] if name.endswith("16") else [(224, 224), (238, 322)]
+        sizes = [(224, 224), (238, 322)] if "14" in name else [(224, 224), (240, 320)]
         variants: list[tuple[str, torch.nn.Module]] = [("dinokit.load", mine)]
         if name == "dinov3_vits16":
             variants += [

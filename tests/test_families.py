@@ -384,14 +384,29 @@ def test_last_selfattention_equals_official_weights(tmp_path: Path, family: str)
 # ------------------------------------------------------------------------------------ registry / hub cache
 
 
+def test_dinov3_gated_download_error_says_where_and_how() -> None:
+    from dinokit.models.registry import WeightsNotFoundError, get_entry
+
+    e = get_entry("dinov3_vitb16")
+    assert e.file_name == "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth" and e.gated
+    with pytest.raises(WeightsNotFoundError) as info:
+        dinokit.load("dinov3_vitb16")
+    msg = str(info.value)
+    assert msg.startswith(f"{e.cache_path()}: ") and "\n" not in msg
+    assert "gated" in msg and "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/" in msg
+    v2 = get_entry("dinov2_vitg14")
+    assert v2.url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth"
+    assert (v2.knn_top1, v2.linear_top1, v2.pos_embed_resize) == (83.5, 86.5, "offset")
+    assert get_entry("dinov2_vitg14_reg").pos_embed_resize == "timm"
+
+
+@pytest.mark.slow  # full-size ViT-S files (about 90 MB each)
 def test_load_registry_names_from_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """dinokit.load(name) reads the official file name from $TORCH_HOME/hub/checkpoints (full-size ViT-S)."""
     from dinokit.models.registry import get_entry
 
     monkeypatch.setenv("DINOKIT_OFFLINE", "1")
     e = get_entry("dinov3_vits16")
-    with pytest.raises(FileNotFoundError, match=r"gated.*dinov3-downloads"):
-        dinokit.load("dinov3_vits16")
     ref = timm.create_model("vit_small_patch16_dinov3_qkvb", num_classes=0, global_pool="token").eval()
     g = _g(11)
     with torch.no_grad():
@@ -457,3 +472,96 @@ def test_timm_hub_dinov3_folder_pools_by_cls(tmp_path: Path) -> None:
     assert model.global_pool == "token"
     x = _x(240, 320)
     _check(model, ref_v3(sd, x), x)
+
+
+# ------------------------------------------------------------------------------------ v3 ConvNeXt
+
+CNX_DIMS, CNX_DEPTHS = (16, 32, 48, 64), (1, 2, 1, 1)
+
+
+def official_convnext(seed: int = 0) -> dict[str, torch.Tensor]:
+    """An official DINOv3 ConvNeXt state dict (Facebook ConvNeXt keys; ``norms.3`` repeats ``norm``)."""
+    g = _g(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for i, d in enumerate(CNX_DIMS):
+        if i == 0:
+            sd.update({"downsample_layers.0.0.weight": _rand(g, d, 3, 4, 4, scale=0.2),
+                       "downsample_layers.0.0.bias": _rand(g, d, scale=0.1), **_norm(g, "downsample_layers.0.1", d)})
+        else:
+            sd.update({**_norm(g, f"downsample_layers.{i}.0", CNX_DIMS[i - 1]),
+                       f"downsample_layers.{i}.1.weight": _rand(g, d, CNX_DIMS[i - 1], 2, 2, scale=0.2),
+                       f"downsample_layers.{i}.1.bias": _rand(g, d, scale=0.1)})
+        for j in range(CNX_DEPTHS[i]):
+            b = f"stages.{i}.{j}."
+            sd.update({b + "dwconv.weight": _rand(g, d, 1, 7, 7, scale=0.2), b + "dwconv.bias": _rand(g, d, scale=0.1),
+                       **_norm(g, b + "norm", d), b + "pwconv1.weight": _rand(g, 4 * d, d, scale=0.2),
+                       b + "pwconv1.bias": _rand(g, 4 * d, scale=0.1), b + "pwconv2.weight": _rand(g, d, 4 * d, scale=0.2),
+                       b + "pwconv2.bias": _rand(g, d, scale=0.1), b + "gamma": 0.2 + torch.rand(d, generator=g)})
+    sd.update(_norm(g, "norm", CNX_DIMS[-1]))
+    sd["norms.3.weight"], sd["norms.3.bias"] = sd["norm.weight"], sd["norm.bias"]
+    return sd
+
+
+def ref_convnext(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Official ConvNeXt forward: LayerNorm(global average pool of the last stage) (B, C)."""
+    def ln_cf(t: torch.Tensor, name: str) -> torch.Tensor:  # channels-first LayerNorm, eps 1e-6
+        u = t.mean(1, keepdim=True)
+        s = (t - u).pow(2).mean(1, keepdim=True)
+        t = (t - u) / torch.sqrt(s + 1e-6)
+        return sd[name + ".weight"][:, None, None] * t + sd[name + ".bias"][:, None, None]
+
+    for i, d in enumerate(CNX_DIMS):
+        if i == 0:
+            x = ln_cf(F.conv2d(x, sd["downsample_layers.0.0.weight"], sd["downsample_layers.0.0.bias"], stride=4),
+                      "downsample_layers.0.1")
+        else:
+            x = F.conv2d(ln_cf(x, f"downsample_layers.{i}.0"), sd[f"downsample_layers.{i}.1.weight"],
+                         sd[f"downsample_layers.{i}.1.bias"], stride=2)
+        for j in range(CNX_DEPTHS[i]):
+            b = f"stages.{i}.{j}."
+            y = F.conv2d(x, sd[b + "dwconv.weight"], sd[b + "dwconv.bias"], padding=3, groups=d).permute(0, 2, 3, 1)
+            y = F.layer_norm(y, (d,), sd[b + "norm.weight"], sd[b + "norm.bias"], 1e-6)
+            y = F.linear(F.gelu(F.linear(y, sd[b + "pwconv1.weight"], sd[b + "pwconv1.bias"])),
+                         sd[b + "pwconv2.weight"], sd[b + "pwconv2.bias"])
+            x = x + (sd[b + "gamma"] * y).permute(0, 3, 1, 2)
+    return F.layer_norm(x.mean((-2, -1)), (CNX_DIMS[-1],), sd["norm.weight"], sd["norm.bias"], 1e-6)
+
+
+def test_dinov3_convnext_official_pth_matches_official(tmp_path: Path) -> None:
+    sd = official_convnext(40)
+    torch.save(sd, tmp_path / "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth")
+    model = dinokit.load(tmp_path / "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth")
+    for h, w in [(224, 224), (240, 320)]:
+        x = _x(h, w)
+        with torch.no_grad():
+            diff = (model(x) - ref_convnext(sd, x)).abs().max().item()
+        assert diff <= 1e-4, diff
+    dinokit.save(model, tmp_path / "out")
+    x = _x(256, 256)
+    with torch.no_grad():
+        again = timm.create_model("local-dir:" + str(tmp_path / "out"), pretrained=True).eval()(x)
+        assert (again - ref_convnext(sd, x)).abs().max() <= 1e-4
+
+
+@pytest.mark.slow  # full-size ViT-S files (about 90 MB each)
+def test_load_dinov2_reg_registry_name_from_torch_hub_cache() -> None:
+    """dinov2_vits14_reg: the official file name in $TORCH_HOME/hub/checkpoints, full-size ViT-S/14."""
+    from dinokit.models.registry import get_entry
+
+    torch.manual_seed(12)
+    ref = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=518, num_classes=0, dynamic_img_size=True,
+                            init_values=0.5).eval()  # timm's reg4 model computes the official numerics
+    pos0 = torch.randn(1, 1, 384)
+    official = {k: v for k, v in ref.state_dict().items() if k not in ("cls_token", "pos_embed", "reg_token")}
+    official.update(cls_token=ref.cls_token.detach() - pos0, pos_embed=torch.cat([pos0, ref.pos_embed.detach()], 1),
+                    register_tokens=ref.reg_token.detach(), mask_token=torch.zeros(1, 384))
+    target = get_entry("dinov2_vits14_reg").cache_path()
+    assert target.name == "dinov2_vits14_reg4_pretrain.pth"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(official, target)
+    model = dinokit.load("dinov2_vits14_reg")
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224) and model.pretrained_cfg["crop_pct"] == 0.875
+    for h, w in [(224, 224), (238, 322)]:
+        x = _x(h, w, n=1)
+        with torch.no_grad():
+            assert (model(x) - ref(x)).abs().max() < 1e-4

@@ -130,9 +130,11 @@ def convert_family(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     v1 official files). info keys: ``layout``, ``family``, ``pos_embed_resize``, ``model_args``.
     """
     # imported here: these modules import CheckpointError from this one
-    from dinokit.models import dinov2, dinov3
+    from dinokit.models import convnext, dinov2, dinov3
 
     info: dict[str, Any] = {}
+    if convnext.is_official_convnext(sd):
+        return convnext.official_convnext_to_timm(sd), {"layout": "dinov3-convnext", "family": "dinov3_convnext"}
     if dinov3.is_hf_dinov3(sd):
         sd, info["layout"] = dinov3.hf_dinov3_to_official(sd), "hf-dinov3"
     elif dinov2.is_hf_dinov2(sd):
@@ -303,11 +305,16 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str,
         cfg = infer_dinov3(sd, source, (model_args or {}).get("num_heads"))
     elif "patch_embed.proj.weight" in sd:
         cfg = _infer_vit(sd, source, model_args or {})
+    elif "stem.0.weight" in sd and "stages.0.blocks.0.conv_dw.weight" in sd:
+        from dinokit.models.convnext import infer_convnext
+
+        cfg = infer_convnext(sd, source)
     elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         cfg = _infer_resnet(sd, source)
     else:
         sample = ", ".join(list(sd)[:6])
-        raise CheckpointError(f"{source}: cannot tell the architecture (not a ViT or ResNet; keys: {sample}, ...)")
+        raise CheckpointError(f"{source}: cannot tell the architecture (not a ViT, ConvNeXt or ResNet; "
+                              f"keys: {sample}, ...)")
     cfg["model_args"].update(model_args or {})
     return cfg
 
