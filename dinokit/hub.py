@@ -242,7 +242,7 @@ def _config_for(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
     return cfg
 
 
-_HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
+_HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "dinov3_convnext")
 
 
 def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,

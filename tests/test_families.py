@@ -565,3 +565,24 @@ def test_load_dinov2_reg_registry_name_from_torch_hub_cache() -> None:
         x = _x(h, w, n=1)
         with torch.no_grad():
             assert (model(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_hf_dinov3_convnext_folder_matches_official(tmp_path: Path) -> None:
+    import re
+
+    from safetensors.torch import save_file
+
+    sd = official_convnext(41)
+    hf = {}
+    for k, v in sd.items():  # the renames of transformers' DINOv3 ConvNeXt conversion
+        if k.startswith("norms."):
+            continue
+        k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.layers.\2.", k)
+        k = re.sub(r"^downsample_layers\.(\d+)\.(\d+)\.", r"stages.\1.downsample_layers.\2.", k)
+        hf[k.replace("dwconv", "depthwise_conv").replace("pwconv", "pointwise_conv").replace("norm", "layer_norm")] = v
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "dinov3_convnext", "hidden_sizes": [16, 32, 48, 64]}')
+    model = dinokit.load(tmp_path)
+    x = _x(240, 320)
+    with torch.no_grad():
+        assert (model(x) - ref_convnext(sd, x)).abs().max() <= 1e-4

@@ -133,6 +133,8 @@ def convert_family(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     from dinokit.models import convnext, dinov2, dinov3
 
     info: dict[str, Any] = {}
+    if convnext.is_hf_convnext(sd):
+        sd = convnext.hf_convnext_to_official(sd)
     if convnext.is_official_convnext(sd):
         return convnext.official_convnext_to_timm(sd), {"layout": "dinov3-convnext", "family": "dinov3_convnext"}
     if dinov3.is_hf_dinov3(sd):

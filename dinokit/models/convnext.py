@@ -27,6 +27,22 @@ _ARCHS = {
 }
 
 
+def is_hf_convnext(sd: Mapping[str, torch.Tensor]) -> bool:
+    """HF transformers ``DINOv3ConvNextModel`` keys (``stages.i.layers.j.depthwise_conv``)."""
+    return "stages.0.downsample_layers.0.weight" in sd and "stages.0.layers.0.depthwise_conv.weight" in sd
+
+
+def hf_convnext_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF DINOv3ConvNext keys -> official keys (the HF conversion's renames, inverted)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.\2.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample_layers\.(\d+)\.", r"downsample_layers.\1.\2.", k)
+        k = k.replace("depthwise_conv", "dwconv").replace("pointwise_conv", "pwconv").replace("layer_norm", "norm")
+        out[k] = v
+    return out
+
+
 def is_official_convnext(sd: Mapping[str, torch.Tensor]) -> bool:
     """Facebook/DINOv3 ConvNeXt keys (``downsample_layers.*``, ``stages.i.j.dwconv``)."""
     return "downsample_layers.0.0.weight" in sd and "stages.0.0.dwconv.weight" in sd
