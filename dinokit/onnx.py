@@ -73,15 +73,10 @@ def run_onnx(path: str | os.PathLike[str], x: np.ndarray) -> np.ndarray:
 
 
 def dynamic_size_exportable(model: nn.Module) -> bool:
-    """Whether the exported graph can take any image size: True for CNNs and for ViTs whose
-    position table is resized by timm's rule (DINOv2-reg, timm folders); False for the official
-    0.1-offset resize (DINO v1, DINOv2) and DINOv3's RoPE, whose tables the exporter fixes to the
-    example size."""
-    from dinokit.models.dinov2 import POS_EMBED_OFFSET, pos_embed_resize_of
-
-    if getattr(model, "rope", None) is not None:
-        return False
-    return pos_embed_resize_of(model) != POS_EMBED_OFFSET
+    """Whether the exported graph can take any image size: True for CNNs and ViTs with a position
+    table (DINO v1 / DINOv2 export their 0.1-offset resize as weight matrices); False for DINOv3,
+    whose RoPE tables timm computes from Python numbers that the exporter fixes to the example size."""
+    return getattr(model, "rope", None) is None
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, features: str = "cls",

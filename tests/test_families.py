@@ -586,3 +586,16 @@ def test_hf_dinov3_convnext_folder_matches_official(tmp_path: Path) -> None:
     x = _x(240, 320)
     with torch.no_grad():
         assert (model(x) - ref_convnext(sd, x)).abs().max() <= 1e-4
+
+
+def test_traceable_offset_resize_equals_interpolate() -> None:
+    """The matrix form used for ONNX export equals F.interpolate's offset resize (and the official skip)."""
+    from dinokit.models.dinov2 import offset_resize, offset_resize_traceable
+
+    table = torch.randn(1, 16 * 16, 8, generator=_g(60))
+    for new in [(17, 23), (12, 9), (16, 16), (16, 20), (40, 3)]:
+        a = offset_resize(table, (16, 16), new)
+        b = offset_resize_traceable(table, (16, 16), new)
+        assert a.shape == b.shape == (1, new[0] * new[1], 8)
+        assert (a - b).abs().max() < 1e-5
+    assert torch.equal(offset_resize(table, (16, 16), (16, 16)), table)

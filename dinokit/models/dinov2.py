@@ -53,6 +53,40 @@ def offset_resize(patch_pos: torch.Tensor, grid: tuple[int, int], new: tuple[int
     return out.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(dtype)
 
 
+def _cubic_matrix(n_out: int | torch.SymInt, n_in: int, scale: float | torch.SymFloat) -> torch.Tensor:
+    """(n_out, n_in) weights of PyTorch's bicubic resize (A = -0.75, align_corners=False, border
+    indexes clamped) when output i reads input coordinate ``scale * (i + 0.5) - 0.5``."""
+    a = -0.75
+    src = (torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5
+    x0 = torch.floor(src)
+    t = src - x0
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    w = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+    idx = (x0.long()[:, None] + torch.arange(-1, 3)[None]).clamp(0, n_in - 1)
+    return torch.zeros(n_out, n_in).scatter_add(1, idx, w)
+
+
+def offset_resize_traceable(patch_pos: torch.Tensor, grid: tuple[int, int], new: tuple[int, int],
+                            offset: float = INTERPOLATE_OFFSET) -> torch.Tensor:
+    """:func:`offset_resize` as two weight matrices, for graph export with symbolic sizes (equal to
+    ``F.interpolate`` within float rounding, ~1e-6). The official skip at the stored grid is a blend
+    with the identity, so the graph has no size-dependent branch."""
+    (gh, gw), (h, w) = grid, new
+    dim = patch_pos.shape[-1]
+    table = patch_pos.float().reshape(gh, gw, dim)
+    same = 1 - torch.clamp(torch.abs(torch.tensor([h - gh, w - gw], dtype=torch.float32)).sum(), max=1.0)
+    ah = same * torch.eye(h, gh) + (1 - same) * _cubic_matrix(h, gh, gh / (h + offset))
+    aw = same * torch.eye(w, gw) + (1 - same) * _cubic_matrix(w, gw, gw / (w + offset))
+    out = torch.einsum("hi,ijd,wj->hwd", ah, table, aw)
+    return out.reshape(1, -1, dim).to(patch_pos.dtype)
+
+
 class OffsetPosEmbedViT(VisionTransformer):
     """timm's ViT with the official DINO v1 / DINOv2 position-embedding resize (see module doc).
 
@@ -67,7 +101,9 @@ class OffsetPosEmbedViT(VisionTransformer):
         B, H, W, C = x.shape
         n_pre = 0 if self.no_embed_class else self.num_prefix_tokens
         pos = self.pos_embed
-        patch_pos = offset_resize(pos[:, n_pre:], tuple(self.patch_embed.grid_size), (H, W))
+        # torch.export cannot keep F.interpolate's scale factor symbolic: same maths as matrices there
+        resize = offset_resize_traceable if torch.compiler.is_exporting() else offset_resize
+        patch_pos = resize(pos[:, n_pre:], tuple(self.patch_embed.grid_size), (H, W))
         pos = torch.cat([pos[:, :n_pre], patch_pos], dim=1) if n_pre else patch_pos
         x = x.reshape(B, H * W, C)
         to_cat = []
