@@ -1,15 +1,18 @@
 """ONNX export of DINO backbones (v1, v2, v2-reg, v3 ViTs; CNNs), checked with onnxruntime.
 
 The graph computes ``compute_features(model, x, features)`` for ``features`` "cls" (B, D) or
-"patch" (B, P, D). The batch axis is always dynamic; height and width are dynamic where the
-exported graph stays exact at other sizes, which :func:`export_onnx` verifies with onnxruntime
-(``check=True``) at a second size before it says so.
+"patch" (B, P, D), with the torch.export-based exporter. The batch axis is always dynamic; height and
+width are dynamic for every family here (the DINO v1/v2 offset resize and the DINOv3 RoPE table are
+built from tensor ops while exporting). :func:`export_onnx` checks the file with onnxruntime at the
+example size and a second size, and re-exports at a fixed size if a dynamic graph is not exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +76,54 @@ def run_onnx(path: str | os.PathLike[str], x: np.ndarray) -> np.ndarray:
 
 
 def dynamic_size_exportable(model: nn.Module) -> bool:
-    """Whether the exported graph can take any image size: True for CNNs and ViTs with a position
-    table (DINO v1 / DINOv2 export their 0.1-offset resize as weight matrices); False for DINOv3,
-    whose RoPE tables timm computes from Python numbers that the exporter fixes to the example size."""
-    return getattr(model, "rope", None) is None
+    """Whether the exported graph can take any image size: True for CNNs, ViTs with a position table
+    (DINO v1 / DINOv2 export their 0.1-offset resize as weight matrices) and DINOv3-style RoPE with
+    per-axis normalized coordinates (exported through :func:`_traceable_rope`)."""
+    rope = getattr(model, "rope", None)
+    return rope is None or _rope_is_dinov3(rope)
+
+
+def _rope_is_dinov3(rope: nn.Module) -> bool:
+    return (hasattr(rope, "periods") and getattr(rope, "normalize_coords", None) == "separate"
+            and not getattr(rope, "grid_offset", 0.0) and getattr(rope, "grid_indexing", "ij") == "ij")
+
+
+def _rope_table(rope: nn.Module, h: int | torch.SymInt, w: int | torch.SymInt) -> torch.Tensor:
+    """DINOv3 RoPE table (h*w, 2 * head_dim) = [sin, cos] in timm's layout, from tensor ops only:
+    patch centres (i + 0.5) / n mapped to [-1, 1] per axis, angles 2 pi coord / period."""
+    ch = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    cw = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).reshape(-1, 2)
+    angles = (2 * torch.pi * coords[:, :, None] / rope.periods.float()[None, None, :]).flatten(1)
+    sin, cos = angles.sin(), angles.cos()
+    if getattr(rope, "rotate_half", True):
+        sin, cos = torch.cat([sin, sin], -1), torch.cat([cos, cos], -1)
+    else:
+        sin, cos = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+    return torch.cat([sin, cos], dim=-1)
+
+
+@contextlib.contextmanager
+def _traceable_rope(model: nn.Module) -> Iterator[None]:
+    """While exporting, build timm's DINOv3 RoPE table from tensor ops so the exporter keeps the
+    grid size symbolic (timm computes it from Python floats, which the exporter would freeze)."""
+    rope = getattr(model, "rope", None)
+    if rope is None or not _rope_is_dinov3(rope):
+        yield
+        return
+    original = rope.get_embed
+
+    def get_embed(shape: list[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if shape is None:
+            return original(shape, dtype)
+        table = _rope_table(rope, shape[0], shape[1])
+        return table if dtype is None else table.to(dtype)
+
+    rope.get_embed = get_embed
+    try:
+        yield
+    finally:
+        del rope.get_embed  # back to the class method
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, features: str = "cls",
@@ -121,7 +168,7 @@ def _write(wrapped: nn.Module, out: Path, hw: tuple[int, int], patch: int, opset
     if dynamic:
         shapes[2] = patch * torch.export.Dim("rows", min=1, max=1024)
         shapes[3] = patch * torch.export.Dim("cols", min=1, max=1024)
-    with atomic_path(out) as tmp, torch.no_grad():
+    with atomic_path(out) as tmp, torch.no_grad(), _traceable_rope(wrapped.model):
         torch.onnx.export(wrapped, (x,), str(tmp), input_names=["pixel_values"], output_names=["features"],
                           dynamic_shapes=(shapes,), opset_version=opset, dynamo=True, external_data=False,
                           verbose=False)
