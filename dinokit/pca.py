@@ -115,10 +115,9 @@ def pca_picture(model: nn.Module, image: Image.Image | str | os.PathLike[str], i
 
 def figure(pic: PCAPicture, title: str | None = None) -> Image.Image:
     """Image, mean attention and PCA side by side, each with a title, as one RGB image."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # files only: never open a window
-    import matplotlib.pyplot as plt
+    # a Figure with its own Agg canvas: no pyplot, so no global backend or figure registry is touched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels: list[tuple[str, object, str | None]] = [("image", pic.image, None)]
     if pic.attention is not None:
@@ -126,7 +125,9 @@ def figure(pic: PCAPicture, title: str | None = None) -> Image.Image:
     panels.append((f"PCA of patch features ({int(pic.foreground.sum())} foreground patches)",
                    pic.rgb_image(), None))
     ratio = pic.image.width / pic.image.height
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * ratio * len(panels), 4.6), squeeze=False)
+    fig = Figure(figsize=(4 * ratio * len(panels), 4.6))
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, data, cmap) in zip(axes[0], panels, strict=True):
         ax.imshow(data, cmap=cmap)
         ax.set_title(name, fontsize=10)
@@ -134,9 +135,8 @@ def figure(pic: PCAPicture, title: str | None = None) -> Image.Image:
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
-    plt.close(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
     return Image.fromarray(rgba[..., :3].copy(), mode="RGB")
 
 
