@@ -22,22 +22,29 @@ dependencies = ["torch", "timm"]
 
 
 def _entry_point(name: str, description: str) -> Callable[..., nn.Module]:
-    def entry(pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    def entry(*, pretrained: bool = True, weights: str | None = None, **kwargs: Any) -> nn.Module:
         from dinokit.hub import load
-        from dinokit.models.backbone import create_backbone
         from dinokit.models.registry import get_entry
 
         if pretrained:
+            # weights: as the official DINOv2/v3 entries, a local file instead of the default download
+            # (the official enum values "LVD142M" / "LVD1689M" name the default weights)
+            if weights is not None and str(weights).upper() not in ("LVD142M", "LVD1689M", "SAT493M"):
+                return load(weights, **kwargs)
             return load(name, **kwargs)
+        from dinokit.models.backbone import create_backbone
+
         e = get_entry(name)
-        model = create_backbone(e.arch, pretrained_cfg=e.pretrained_cfg, **{**e.model_args, **kwargs})
+        model = create_backbone(e.arch, pretrained_cfg=e.pretrained_cfg, pos_embed_resize=e.pos_embed_resize,
+                                **{**e.model_args, **kwargs})
         model.dinokit_name = f"{name} (random init)"
         return model
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = (f"{description}.\n\n"
-                     "pretrained=True loads the official weights (torch.hub cache); False gives a random init. "
-                     "Returns an eval-mode backbone: model(x) (B, 3, H, W) -> (B, D) CLS features.")
+                     "pretrained=True loads the official weights (torch.hub cache, or the local file `weights`); "
+                     "False gives a random init. Returns an eval-mode backbone: model(x) (B, 3, H, W) -> (B, D), "
+                     "the normalized CLS token as the official hub models return.")
     return entry
 
 

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "EmbedOptions": "dinokit.embedding",
     "load_embeddings": "dinokit.embedding",
     "iter_embeddings": "dinokit.embedding",
+    "compute_features": "dinokit.models.features",
     # training
     "DINOHead": "dinokit.models.head",
     "DINOLoss": "dinokit.training.loss",
@@ -65,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dinokit.eval.knn import knn_classify
     from dinokit.eval.linear import linear_probe
     from dinokit.hub import load, save
+    from dinokit.models.features import compute_features
     from dinokit.models.head import DINOHead
     from dinokit.models.registry import list_models
     from dinokit.publish import export, push

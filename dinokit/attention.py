@@ -60,16 +60,33 @@ def _last_attention_module(model: nn.Module) -> nn.Module:
     return attn
 
 
-def attention_from_input(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of a timm ``Attention`` module for its input ``x`` (B, N, C) -> (B, h, N, N)."""
+def attention_from_input(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities of a timm ``Attention`` / ``EvaAttention`` module for its input ``x``
+    (B, N, C) -> (B, h, N, N).
+
+    Eva (DINOv3) keeps separate q/k/v biases (k fixed at zero) and rotates q and k of the patch
+    tokens with ``rope`` (the prefix tokens, CLS and storage, are not rotated), as its forward does.
+    """
     B, N, _ = x.shape
     heads = int(attn.num_heads)
     head_dim = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads)))
-    qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    if getattr(attn, "q_bias", None) is not None:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = torch.nn.functional.linear(x, attn.qkv.weight, bias)
+    else:
+        qkv = attn.qkv(x)
+    qkv = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k = qkv[0], qkv[1]
     # qk-norm models normalize q and k before the product, exactly as the module's forward does
     q = attn.q_norm(q) if hasattr(attn, "q_norm") else q
     k = attn.k_norm(k) if hasattr(attn, "k_norm") else k
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+
+        npt = int(getattr(attn, "num_prefix_tokens", N - rope.shape[-2]))
+        half = bool(getattr(attn, "rotate_half", False))
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
     scale = float(getattr(attn, "scale", head_dim ** -0.5))
     return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
@@ -77,8 +94,9 @@ def attention_from_input(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def last_selfattention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The last block's self-attention, (B, 3, H, W) -> (B, heads, N, N), rows summing to 1.
 
-    Same as the official ``get_last_selfattention``: the CLS token is row/column 0, register tokens
-    (if any) follow, then the patches in raster order. H and W must be multiples of the patch size
+    Same as the official ``get_last_selfattention``: the CLS token is row/column 0, register or
+    storage tokens (if any) follow, then the patches in raster order; DINOv3's RoPE is applied to
+    q and k of the patches as in its forward. H and W must be multiples of the patch size
     (or the model must pad them); any size works for models created with ``dynamic_img_size=True``.
     """
     vit = _vit(model)
@@ -87,6 +105,9 @@ def last_selfattention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured["x"] = args[0] if args else kwargs["x"]
+        rope = args[1] if len(args) > 1 else kwargs.get("rope")
+        if rope is not None:
+            captured["rope"] = rope
         raise _StopForward
 
     handle = attn.register_forward_pre_hook(capture, with_kwargs=True)
@@ -101,7 +122,7 @@ def last_selfattention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         handle.remove()
     if "x" not in captured:
         raise RuntimeError(f"{_model_name(model)}: the forward pass never reached the last attention block")
-    return attention_from_input(attn, captured["x"])
+    return attention_from_input(attn, captured["x"], captured.get("rope"))
 
 
 # ---------------------------------------------------------------------------- maps and masks

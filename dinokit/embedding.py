@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,6 +40,12 @@ from dinokit.data.sources import (
 )
 from dinokit.data.transforms import eval_transform, preprocessing_config
 from dinokit.devices import model_device, resolve_device
+
+# compute_features lives with the models; re-exported here for existing imports
+from dinokit.models.features import FEATURE_KINDS as FEATURE_KINDS
+from dinokit.models.features import check_features as check_features
+from dinokit.models.features import compute_features as compute_features
+from dinokit.models.features import feature_dim as feature_dim
 from dinokit.shards import (
     FORMAT_VERSION,
     FORMATS,
@@ -61,59 +66,7 @@ from dinokit.shards import (
 
 log = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("cls", "cls+avgpool", "last4", "patch")
-_LAST_N = re.compile(r"^last(\d+)$")
-
 ImagesLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray | torch.Tensor
-
-
-# ------------------------------------------------------------------------------------ features
-
-
-def check_features(features: str) -> str:
-    """Return ``features`` when it names a known kind, else raise ValueError."""
-    m = _LAST_N.match(features)
-    if features in FEATURE_KINDS or (m is not None and int(m.group(1)) >= 1):
-        return features
-    raise ValueError(f"features={features!r}: expected one of cls, cls+avgpool, lastN (e.g. last4), patch")
-
-
-def feature_dim(model: nn.Module, features: str = "cls") -> int:
-    """Width D of one row of ``compute_features(model, x, features)`` (per token for "patch")."""
-    d = int(model.num_features)
-    if features == "cls+avgpool":
-        return 2 * d
-    m = _LAST_N.match(features)
-    return d * int(m.group(1)) if m else d
-
-
-def compute_features(model: nn.Module, x: torch.Tensor, features: str = "cls") -> torch.Tensor:
-    """Features of a preprocessed batch x (B, 3, H, W).
-
-    - ``cls``: ``model(x)`` (B, D): the CLS token after the final norm (pooled features for CNNs).
-    - ``cls+avgpool``: CLS concatenated with the mean patch token of the last block (B, 2D), the
-      official ViT-B linear-eval features.
-    - ``lastN`` (e.g. ``last4``): CLS of the last N blocks, each through the final norm,
-      concatenated (B, N*D), the official ViT-S linear-eval features.
-    - ``patch``: the patch tokens of the last block after the final norm (B, P, D).
-    """
-    if features == "cls":
-        return model(x)
-    if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
-        raise ValueError(f"features={features!r} needs a ViT backbone; {type(model).__name__} only supports 'cls'")
-    npre = int(model.num_prefix_tokens)
-    if features in ("cls+avgpool", "patch"):
-        tokens = model.forward_features(x)  # (B, npre + P, D), final norm applied
-        patches = tokens[:, npre:]
-        if features == "patch":
-            return patches
-        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
-    n = int(_LAST_N.match(check_features(features)).group(1))
-    if n > len(model.blocks):
-        raise ValueError(f"features={features!r}: the model has only {len(model.blocks)} blocks")
-    inter = model.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True,
-                                        output_fmt="NLC", intermediates_only=True, stop_early=True)
-    return torch.cat([prefix[:, 0] for _, prefix in inter], dim=-1)
 
 
 # ------------------------------------------------------------------------------------ options

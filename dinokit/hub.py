@@ -115,8 +115,8 @@ def _load_registry(entry: Any, model_args: Mapping[str, Any] | None) -> nn.Modul
     from dinokit.models.registry import fetch_state_dict
 
     sd = fetch_state_dict(entry)
-    config = {"architecture": entry.arch, "model_args": {**entry.model_args, **(model_args or {})},
-              "pretrained_cfg": entry.pretrained_cfg}
+    config = entry.config
+    config["model_args"].update(model_args or {})
     return _build(sd, config, str(entry.cache_path()), "teacher")
 
 
@@ -232,23 +232,48 @@ def _tupled(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_for(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None, source: str,
-                model_args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Normalize a timm/dinokit or HF transformers config, or infer one from the tensors."""
+                model_args: Mapping[str, Any] | None, extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Normalize a timm/dinokit or HF transformers config, or infer one from the tensors.
+
+    Also decides how a ViT resizes its position table (``pos_embed_resize``): what the checkpoint
+    layout says (DINOv2-reg: timm's exact antialiased resize), the saved dinokit choice, or the
+    official DINO v1 / DINOv2 0.1-offset rule for official files and DINOv2 timm folders.
+    """
+    extras = extras or {}
+    found_args = dict(extras.get("model_args") or {})
     if config is None:
-        return infer_config(sd, source, model_args)
+        cfg = infer_config(sd, source, {**found_args, **(model_args or {})})
+        mode = extras.get("pos_embed_resize")
+        if mode is None and "pos_embed" in sd and not cfg["model_args"].get("no_embed_class"):
+            mode = "offset"  # an official DINO v1 file (timm keys): the official resize
+        cfg["pos_embed_resize"] = mode
+        return cfg
     if "architecture" in config:  # timm / dinokit layout
-        cfg = {"architecture": config["architecture"], "model_args": dict(config.get("model_args") or {})}
+        arch = str(config["architecture"])
+        cfg = {"architecture": arch, "model_args": dict(config.get("model_args") or {})}
         pcfg = config.get("pretrained_cfg") or {}
         cfg["pretrained_cfg"] = {k: pcfg[k] for k in _PREPROCESSING_KEYS if k in pcfg}
-    elif config.get("model_type") == "vit":  # HF transformers ViTConfig: shapes say the rest
-        cfg = infer_config(sd, source, {"num_heads": int(config["num_attention_heads"])})
-        log.info("%s: HF transformers ViT weights; using DINO's LayerNorm eps 1e-6 and ImageNet "
-                 "preprocessing (the HF port's eps 1e-12 / mean-std 0.5 differ slightly)", source)
+        mode = (config.get("dinokit") or {}).get("pos_embed_resize")
+        if mode is None and "dinov2" in arch and "reg" not in arch:
+            mode = "offset"  # a plain timm DINOv2 folder: the official resize
+        if "dinov3" in arch and "global_pool" not in cfg["model_args"]:
+            # timm's DINOv3 configs pool by average; the official models return the CLS token
+            cfg["model_args"]["global_pool"] = "token"
+        cfg["pos_embed_resize"] = mode
+    elif config.get("model_type") in _HF_MODEL_TYPES:  # HF transformers: shapes say the rest
+        heads = {"num_heads": int(config["num_attention_heads"])} if "num_attention_heads" in config else {}
+        cfg = _config_for(sd, None, source, {**heads, **(model_args or {})}, extras)
+        log.info("%s: HF transformers %s weights; using the official LayerNorm eps and preprocessing",
+                 source, config.get("model_type"))
+        return cfg
     else:
         raise CheckpointError(f"{source}: config.json is neither a timm config (architecture) nor an "
-                              "HF transformers ViT config (model_type: vit)")
+                              f"HF transformers config (model_type: {', '.join(_HF_MODEL_TYPES)})")
     cfg["model_args"].update(model_args or {})
     return cfg
+
+
+_HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "dinov3_convnext")
 
 
 def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
@@ -259,7 +284,7 @@ def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
     sd, extras = unwrap_checkpoint(obj, source, which)  # HF ViT keys are converted here too
     if config is None and "backbone_config" in extras:
         config = extras["backbone_config"]
-    cfg = _config_for(sd, config, source, model_args)
+    cfg = _config_for(sd, config, source, model_args, extras)
     sd = drop_classifier(sd)
     try:
         # Build on the meta device: no time spent on a random init the weights replace anyway.
@@ -309,7 +334,8 @@ def save(
     config = backbone_config(model)
     ident = identity(model)
     name = name or folder.name
-    config["dinokit"] = {"name": name, "source": ident["name"], "fingerprint": ident["fingerprint"]}
+    config["dinokit"] = {**config.get("dinokit", {}), "name": name, "source": ident["name"],
+                         "fingerprint": ident["fingerprint"]}
     if metrics:
         config["dinokit"]["metrics"] = dict(metrics)
     config.update(dict(extra_config or {}))

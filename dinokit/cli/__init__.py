@@ -12,7 +12,7 @@ import importlib
 from dinokit.cli._common import app
 
 # in the order `dinokit --help` lists them
-_GROUPS = ("models", "embed", "train", "evaluate", "index", "serve", "attention", "publish")
+_GROUPS = ("models", "embed", "train", "evaluate", "index", "serve", "attention", "pictures", "onnx", "publish")
 for _group in _GROUPS:
     importlib.import_module(f"dinokit.cli.{_group}")
 

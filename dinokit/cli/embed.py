@@ -26,7 +26,7 @@ def embed_cmd(
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes per rank (default: cores - 1)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's, 224); "
                                           "the resize keeps DINO's 256/224 ratio."),
-    features: str = typer.Option("cls", "--features", help="cls, cls+avgpool, last4 (any lastN) or patch."),
+    features: str = typer.Option("cls", "--features", help="cls, cls+avgpool, last4 (any lastN), patch or registers."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
     decode: str = typer.Option("cpu", "--decode", help="cpu: Pillow in the workers; device: workers read files, "
                                "the model's device decodes (nvJPEG on CUDA)."),

@@ -23,12 +23,19 @@ def models_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json([{**e.to_dict(), "cached": e.cache_path().is_file()} for e in entries])
         return
-    table = Table(title="DINO weights (ImageNet top-1, official)")
-    for col in ("name", "arch", "dim", "k-NN", "linear", "timm hub id", "cached"):
-        table.add_column(col, justify="right" if col in ("dim", "k-NN", "linear") else "left")
+    table = Table(title="DINO weights (ImageNet top-1, official; - where none is published)")
+    # arch, URLs and hub ids are in --json; the table keeps what fits a terminal
+    for col in ("name", "family", "params", "dim", "input", "k-NN", "linear", "cached"):
+        table.add_column(col, justify="right" if col in ("params", "dim", "k-NN", "linear") else "left",
+                         no_wrap=col == "name")
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
     for e in entries:
-        table.add_row(e.name, e.arch, str(e.embed_dim), f"{e.knn_top1:.1f}", f"{e.linear_top1:.1f}",
-                      e.timm_hub_id or "-", "yes" if e.cache_path().is_file() else "no")
+        table.add_row(e.name, e.family, f"{e.params_m:g}M" if e.params_m else "-", str(e.embed_dim),
+                      f"{e.input_size[1]}x{e.input_size[2]}", pct(e.knn_top1), pct(e.linear_top1),
+                      "yes" if e.cache_path().is_file() else ("gated" if e.gated else "no"))
     out.print(table)
 
 

@@ -29,11 +29,14 @@ DINO_PRETRAINED_CFG: dict[str, Any] = {
 }
 
 
-def create_backbone(arch: str, pretrained_cfg: dict[str, Any] | None = None, **model_args: Any) -> nn.Module:
+def create_backbone(arch: str, pretrained_cfg: dict[str, Any] | None = None, *,
+                    pos_embed_resize: str | None = None, **model_args: Any) -> nn.Module:
     """Create a headless timm backbone (``num_classes=0``) whose forward returns (B, D) features.
 
     ViTs get ``dynamic_img_size=True`` so any input size works (position embeddings are
     interpolated on the fly). ``pretrained_cfg`` entries override DINO's eval preprocessing.
+    ``pos_embed_resize="offset"`` gives the official DINO v1 / DINOv2 position resize
+    (:mod:`dinokit.models.dinov2`); None or "timm" keeps timm's.
     """
     model_args = {"num_classes": 0, **model_args}
     if _is_vit(arch):
@@ -46,6 +49,10 @@ def create_backbone(arch: str, pretrained_cfg: dict[str, Any] | None = None, **m
         if pretrained_cfg is None or "input_size" not in pretrained_cfg:
             cfg["input_size"] = (3, h, w)
     model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=cfg, **model_args)
+    if pos_embed_resize is not None:
+        from dinokit.models.dinov2 import apply_pos_embed_resize
+
+        model = apply_pos_embed_resize(model, pos_embed_resize)
     return model.eval()
 
 
@@ -64,7 +71,11 @@ def backbone_config(model: nn.Module) -> dict[str, Any]:
                       if k in cfg}
     pretrained_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pretrained_cfg.items()}
     pretrained_cfg["num_classes"] = 0
+    from dinokit.models.dinov2 import pos_embed_resize_of
+
+    extra = {"dinokit": {"pos_embed_resize": mode}} if (mode := pos_embed_resize_of(model)) else {}
     return {
+        **extra,
         "architecture": model.pretrained_cfg.get("architecture") or type(model).__name__,
         "num_classes": 0,
         "num_features": int(model.num_features),
@@ -80,7 +91,8 @@ def from_backbone_config(config: dict[str, Any]) -> nn.Module:
     args.pop("num_classes", None)
     pcfg = dict(config.get("pretrained_cfg", {}))
     pcfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in pcfg.items()}
-    return create_backbone(config["architecture"], pretrained_cfg=pcfg, **args)
+    mode = config.get("pos_embed_resize") or (config.get("dinokit") or {}).get("pos_embed_resize")
+    return create_backbone(config["architecture"], pretrained_cfg=pcfg, pos_embed_resize=mode, **args)
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -35,6 +35,13 @@ _VIT_ARCHS = {
     (768, 12, 8): "vit_base_patch8_224",
     (1024, 24, 16): "vit_large_patch16_224",
 }
+# DINOv2 (width, depth, patch, SwiGLU) -> timm arch (the _reg4_ variant when registers are present).
+_DINOV2_ARCHS = {
+    (384, 12, 14, False): "vit_small_patch14_dinov2",
+    (768, 12, 14, False): "vit_base_patch14_dinov2",
+    (1024, 24, 14, False): "vit_large_patch14_dinov2",
+    (1536, 40, 14, True): "vit_giant_patch14_dinov2",
+}
 # (block kind, blocks per stage, stage-1 width) -> timm ResNet arch (same keys as torchvision).
 _RESNET_ARCHS = {
     ("basic", (2, 2, 2, 2), 64): "resnet18",
@@ -110,10 +117,42 @@ def unwrap_checkpoint(obj: Any, source: str, which: str = "teacher") -> tuple[di
             raise CheckpointError(f"{source}: no tensors found (keys: {', '.join(map(str, list(obj)[:8]))})")
         sd = backbone_from_wrapper(obj)
         extras["layout"] = "state-dict"
-    if is_hf_vit(sd):
-        sd = hf_vit_to_timm(sd)
-        extras["layout"] += "+hf-vit"
+    sd, family = convert_family(sd)
+    if family:
+        extras.update(family)
+        extras["layout"] += f"+{family['layout']}"
     return sd, extras
+
+
+def convert_family(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Recognize the official DINOv2 / DINOv3 and HF transformers layouts and convert them to timm
+    keys. Returns (state dict, info); info is empty for layouts that already are timm keys (DINO
+    v1 official files). info keys: ``layout``, ``family``, ``pos_embed_resize``, ``model_args``.
+    """
+    # imported here: these modules import CheckpointError from this one
+    from dinokit.models import convnext, dinov2, dinov3
+
+    info: dict[str, Any] = {}
+    if convnext.is_hf_convnext(sd):
+        sd = convnext.hf_convnext_to_official(sd)
+    if convnext.is_official_convnext(sd):
+        return convnext.official_convnext_to_timm(sd), {"layout": "dinov3-convnext", "family": "dinov3_convnext"}
+    if dinov3.is_hf_dinov3(sd):
+        sd, info["layout"] = dinov3.hf_dinov3_to_official(sd), "hf-dinov3"
+    elif dinov2.is_hf_dinov2(sd):
+        sd, info["layout"] = dinov2.hf_dinov2_to_official(sd), "hf-dinov2"
+    elif is_hf_vit(sd):
+        return hf_vit_to_timm(sd), {"layout": "hf-vit", "family": "dino"}
+    if dinov3.is_official_dinov3(sd):
+        sd, found = dinov3.dinov3_to_timm(sd)
+        info.setdefault("layout", "dinov3")
+        info.update(family="dinov3", model_args={"num_heads": found["num_heads"]} if "num_heads" in found else {})
+    elif dinov2.is_official_dinov2(sd):
+        sd, found = dinov2.dinov2_to_timm(sd)
+        info.setdefault("layout", str(found["family"]))
+        info.update(family=found["family"], pos_embed_resize=found["pos_embed_resize"],
+                    model_args={"no_embed_class": True} if found["family"] == "dinov2_reg" else {})
+    return sd, info
 
 
 def _looks_like_state_dict(obj: Mapping[str, Any]) -> bool:
@@ -262,13 +301,22 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str,
     (DINO's head size) unless ``model_args`` gives ``num_heads``. ResNet: torchvision key names.
     ``model_args`` entries override what was inferred.
     """
-    if "patch_embed.proj.weight" in sd:
+    if "patch_embed.proj.weight" in sd and "pos_embed" not in sd and "reg_token" in sd:
+        from dinokit.models.dinov3 import infer_dinov3  # RoPE ViT (Eva): no position table
+
+        cfg = infer_dinov3(sd, source, (model_args or {}).get("num_heads"))
+    elif "patch_embed.proj.weight" in sd:
         cfg = _infer_vit(sd, source, model_args or {})
+    elif "stem.0.weight" in sd and "stages.0.blocks.0.conv_dw.weight" in sd:
+        from dinokit.models.convnext import infer_convnext
+
+        cfg = infer_convnext(sd, source)
     elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         cfg = _infer_resnet(sd, source)
     else:
         sample = ", ".join(list(sd)[:6])
-        raise CheckpointError(f"{source}: cannot tell the architecture (not a ViT or ResNet; keys: {sample}, ...)")
+        raise CheckpointError(f"{source}: cannot tell the architecture (not a ViT, ConvNeXt or ResNet; "
+                              f"keys: {sample}, ...)")
     cfg["model_args"].update(model_args or {})
     return cfg
 
@@ -286,27 +334,31 @@ def _infer_vit(sd: Mapping[str, torch.Tensor], source: str, given: Mapping[str, 
                                   "(not a multiple of DINO's 64-d heads); save the model with a config.json")
         heads = width // 64
     mlp_hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in sd else 4 * width
+    # SwiGLU (DINOv2 ViT-g) in timm's packed form: fc1 gives gate and value, fc2 takes half of it
+    swiglu = "blocks.0.mlp.fc2.weight" in sd and mlp_hidden == 2 * int(sd["blocks.0.mlp.fc2.weight"].shape[1])
     n_reg = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
     has_cls = "cls_token" in sd
     n_prefix = int(has_cls) + n_reg
     args: dict[str, Any] = {}
     if "pos_embed" in sd:
         n_pos = int(sd["pos_embed"].shape[1])
-        no_embed_class = False
-        grid = math.isqrt(max(n_pos - n_prefix, 0))
-        if grid * grid != n_pos - n_prefix:
+        no_embed_class = bool(given.get("no_embed_class", False))
+        grid = math.isqrt(n_pos) if no_embed_class else math.isqrt(max(n_pos - n_prefix, 0))
+        if not no_embed_class and grid * grid != n_pos - n_prefix:
             grid, no_embed_class = math.isqrt(n_pos), True
-            if grid * grid != n_pos:
-                raise CheckpointError(f"{source}: position embedding of {n_pos} tokens is not a square grid "
-                                      f"(+{n_prefix} prefix tokens)")
+        if grid * grid != n_pos - (0 if no_embed_class else n_prefix):
+            raise CheckpointError(f"{source}: position embedding of {n_pos} tokens is not a square grid "
+                                  f"(+{n_prefix} prefix tokens)")
         if no_embed_class and n_prefix:
             args["no_embed_class"] = True
         args["img_size"] = grid * ph
-    arch = _VIT_ARCHS.get((width, depth, ph))
+    arch = _DINOV2_ARCHS.get((width, depth, ph, swiglu)) if ph == 14 or swiglu else _VIT_ARCHS.get((width, depth, ph))
+    if arch and n_reg and "dinov2" in arch:
+        arch = arch.replace("_patch14_dinov2", "_patch14_reg4_dinov2")
     if arch is None or heads != width // 64 or ph != pw:
-        arch = "vit_base_patch16_224"
+        arch = "vit_giant_patch14_dinov2" if swiglu else "vit_base_patch16_224"
         args.update(embed_dim=width, depth=depth, num_heads=int(heads), patch_size=ph if ph == pw else [ph, pw])
-    if mlp_hidden != 4 * width:
+    if swiglu or mlp_hidden != 4 * width:
         args["mlp_ratio"] = mlp_hidden / width
     if "blocks.0.attn.qkv.weight" in sd and "blocks.0.attn.qkv.bias" not in sd:
         args["qkv_bias"] = False

@@ -25,6 +25,10 @@ class WeightsNotFoundError(FileNotFoundError):
     """A registry file is not in the torch.hub cache and cannot be downloaded."""
 
 
+# Where DINOv3 weights are requested: Meta emails signed download links after a form.
+DINOV3_REQUEST_PAGE = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One known set of DINO weights: where to get them, what they are, what they score."""
@@ -49,12 +53,22 @@ class ModelEntry:
     timm_hub_id: str | None = None
     hf_transformers_id: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    family: str = "dino"
+    pos_embed_resize: str | None = None
+    crop_mode: str = "center"
+    gated: bool = False
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The backbone config (timm architecture, model_args, preprocessing, position resize)."""
+        return {"architecture": self.arch, "model_args": dict(self.model_args),
+                "pretrained_cfg": self.pretrained_cfg, "dinokit": {"pos_embed_resize": self.pos_embed_resize}}
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
         """Preprocessing for :func:`dinokit.models.backbone.create_backbone` (timm pretrained_cfg keys)."""
         return {"input_size": tuple(self.input_size), "mean": tuple(self.mean), "std": tuple(self.std),
-                "crop_pct": self.crop_pct, "interpolation": self.interpolation, "crop_mode": "center"}
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation, "crop_mode": self.crop_mode}
 
     def cache_path(self) -> Path:
         """Where torch.hub keeps (and looks for) the official file."""
@@ -111,6 +125,11 @@ def fetch_state_dict(entry: ModelEntry) -> dict[str, torch.Tensor]:
     the file.
     """
     target = entry.cache_path()
+    if entry.gated and not target.is_file():
+        # the plain URL answers 403 without Meta's signed link: say how to get the file instead
+        raise WeightsNotFoundError(
+            f"{target}: {entry.name} weights not cached; DINOv3 downloads are gated: request access at "
+            f"{DINOV3_REQUEST_PAGE}, download {entry.file_name} from the link you get and put it at that path")
     if not target.is_file() and _offline():
         raise WeightsNotFoundError(
             f"{target}: {entry.name} weights not cached and offline; download {entry.url} to that path")
