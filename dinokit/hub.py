@@ -184,7 +184,7 @@ def _load_hf(repo: str, source: str, which: str, model_args: Mapping[str, Any] |
             raise FileNotFoundError(f"{repo}: the HF Hub cannot be reached ({hub_unreachable()}) and the model "
                                     "is not in the local HF cache; connect, or copy the repo's files into the "
                                     "cache and set HF_HUB_OFFLINE=1")
-        where = "in the local HF cache (HF_HUB_OFFLINE is set)" if offline else "on the HF Hub"
+        where = "in the local HF cache (offline: HF_HUB_OFFLINE is set)" if offline else "on the HF Hub"
         raise FileNotFoundError(f"{repo}: no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} found {where}")
     config = _read_json(cfg_file) if cfg_file is not None else None
     return _build(read_checkpoint(weights), config, f"{repo} ({weights.name})", which, model_args)

@@ -103,7 +103,7 @@ def test_embed_knn_and_index_cli(tmp_path: Path, family_files: dict[str, Path], 
     with np.load(tmp_path / "f.npz") as z:
         assert z["features"].shape == (60, 4, 128)
     code, _, stderr = _run(["knn-eval", "--model", model, "--train", str(fmnist_folders["train"]), "--val",
-                            str(fmnist_folders["val"]), "--k", "5", "--json", str(tmp_path / "knn.json"),
+                            str(fmnist_folders["val"]), "--k", "5", "--json-out", str(tmp_path / "knn.json"),
                             "--image-size", size, "--workers", "0", "--no-cache"])
     assert code == 0, stderr
     top1 = json.loads((tmp_path / "knn.json").read_text())
