@@ -212,3 +212,19 @@ def test_embed_honours_exif_orientation(tmp_path: Path, tiny_vit: torch.nn.Modul
     assert e.paths == ["a_tagged.png", "b_upright.png", "c_untagged.png"]
     torch.testing.assert_close(e.features[0], e.features[1], atol=1e-6, rtol=0)
     assert (e.features[0] - e.features[2]).abs().max() > 1e-3  # the rotation did change the features
+
+
+def test_squash_crop_mode_resizes_both_sides_as_dinov3() -> None:
+    """DINOv3's official eval resizes the whole image to S x S (no aspect-keeping crop)."""
+    from torchvision.transforms import functional as TF
+
+    img = Image.fromarray(np.arange(40 * 100 * 3, dtype=np.uint8).reshape(40, 100, 3) % 251)
+    cfg = {"input_size": (3, 32, 32), "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"}
+    got = eval_transform(cfg)(img)
+    assert got.shape == (3, 32, 32)
+    # whole image kept: columns at both horizontal ends come from the image's ends, not a center crop
+    ref = TF.normalize(TF.to_tensor(TF.resize(img, [32, 32], antialias=True)), [0.485, 0.456, 0.406],
+                       [0.229, 0.224, 0.225])
+    assert torch.allclose(got, ref, atol=1e-6)
+    center = eval_transform({**cfg, "crop_mode": "center"})(img)
+    assert not torch.allclose(got, center, atol=1e-2)

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from dinokit.data.images import ImageError, Skipped, decode_rgb, is_image_file, list_images, load_rgb
+from dinokit.data.transforms import resize_arg
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +426,6 @@ class DeviceDecoder:
         import torchvision.transforms.v2.functional as F
 
         p = self.pre
-        img = F.resize(img, [p["resize_size"]], interpolation=F.InterpolationMode(p["interpolation"]), antialias=True)
+        img = F.resize(img, resize_arg(p), interpolation=F.InterpolationMode(p["interpolation"]), antialias=True)
         img = F.center_crop(img, [p["crop_size"], p["crop_size"]])
         return (img.float() / 255.0 - self.mean) / self.std

@@ -24,6 +24,7 @@ _DEFAULTS: dict[str, Any] = {
     "input_size": (3, 224, 224),
     "crop_pct": 0.875,
     "interpolation": "bicubic",
+    "crop_mode": "center",
     "mean": IMAGENET_MEAN,
     "std": IMAGENET_STD,
 }
@@ -55,11 +56,16 @@ def preprocessing_config(cfg_or_model: nn.Module | Mapping[str, Any] | None = No
     interp = str(cfg["interpolation"])
     if interp not in _INTERP:
         raise ValueError(f"interpolation {interp!r}: expected one of {sorted(_INTERP)}")
+    crop_mode = str(cfg["crop_mode"])
+    if crop_mode not in ("center", "squash"):
+        raise ValueError(f"crop_mode {crop_mode!r}: expected 'center' (resize the short side, center crop) or "
+                         "'squash' (resize both sides, as DINOv3)")
     return {
         "crop_size": crop,
         # timm and DINO both floor: 224 / 0.875 = 256 exactly.
         "resize_size": math.floor(crop / crop_pct),
         "interpolation": interp,
+        "crop_mode": crop_mode,
         "mean": tuple(float(m) for m in cfg["mean"]),
         "std": tuple(float(s) for s in cfg["std"]),
     }
@@ -71,18 +77,33 @@ def ensure_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else to_rgb(img)
 
 
+def resize_arg(p: Mapping[str, Any]) -> list[int]:
+    """The ``size`` argument of torchvision's resize for preprocessing ``p``: ``[short side]`` for
+    "center" (aspect kept), ``[R, R]`` for "squash" (DINOv3's official eval resizes both sides)."""
+    r = int(p["resize_size"])
+    return [r, r] if p.get("crop_mode") == "squash" else [r]
+
+
+def resize_and_crop(p: Mapping[str, Any]) -> T.Compose:
+    """PIL image -> PIL image (S, S): the geometric part of :func:`eval_transform`."""
+    return T.Compose([
+        T.Resize(resize_arg(p), interpolation=_INTERP[p["interpolation"]], antialias=True),
+        T.CenterCrop(p["crop_size"]),
+    ])
+
+
 def eval_transform(cfg_or_model: nn.Module | Mapping[str, Any] | None = None,
                    image_size: int | None = None) -> T.Compose:
     """PIL image (any mode) -> normalized float tensor (3, S, S), S = crop size.
 
-    Resize the short side to ``floor(S / crop_pct)`` (bicubic, antialiased), center-crop S,
-    scale to [0, 1], normalize with the model's mean/std. Grayscale becomes 3 equal channels.
+    Resize the short side to ``floor(S / crop_pct)`` (both sides for ``crop_mode="squash"``; bicubic,
+    antialiased), center-crop S, scale to [0, 1], normalize with the model's mean/std. Grayscale
+    becomes 3 equal channels.
     """
     p = preprocessing_config(cfg_or_model, image_size)
     return T.Compose([
         T.Lambda(ensure_rgb),
-        T.Resize(p["resize_size"], interpolation=_INTERP[p["interpolation"]], antialias=True),
-        T.CenterCrop(p["crop_size"]),
+        resize_and_crop(p),
         T.ToTensor(),
         T.Normalize(p["mean"], p["std"]),
     ])

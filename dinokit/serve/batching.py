@@ -39,9 +39,8 @@ class Embedder:
 
     def __init__(self, model: nn.Module, *, feature: str = "cls", image_size: int | None = None,
                  device: str | torch.device | None = None) -> None:
-        from torchvision import transforms as T
 
-        from dinokit.data.transforms import preprocessing_config
+        from dinokit.data.transforms import preprocessing_config, resize_and_crop
         from dinokit.devices import resolve_device
         from dinokit.embedding import check_features
 
@@ -49,8 +48,7 @@ class Embedder:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         p = preprocessing_config(model, image_size)
-        self.resize = T.Compose([T.Resize(p["resize_size"], interpolation=T.InterpolationMode(p["interpolation"]),
-                                          antialias=True), T.CenterCrop(p["crop_size"])])
+        self.resize = resize_and_crop(p)
         self.mean = torch.tensor(p["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(p["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
