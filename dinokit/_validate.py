@@ -176,7 +176,7 @@ def check_tree(data: Any, source: str | os.PathLike[str] = "", *, max_nodes: int
 # ------------------------------------------------------------------------------------ type checks
 
 _TYPE_WORDS = {dict: "a mapping", Mapping: "a mapping", list: "a list", str: "a string", int: "an integer",
-               float: "a number", bool: "true or false", type(None): "null"}
+               tuple: "a list", float: "a number", bool: "true or false", type(None): "null"}
 
 
 def type_name(value: Any) -> str:
@@ -194,7 +194,7 @@ def expect(value: Any, types: type | tuple[type, ...], source: str | os.PathLike
     tps = types if isinstance(types, tuple) else (types,)
     ok = isinstance(value, tps) and not (isinstance(value, bool) and bool not in tps)
     if not ok:
-        want = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in tps)
+        want = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, t.__name__) for t in tps))
         raise error(f"{where(source, key)}: expected {want}, got {type_name(value)} {short(value)}")
     return value
 

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from dinokit._io import atomic_path
+from dinokit._validate import one_line
 from dinokit.data.images import (
     Batch,
     ImageDataset,
@@ -166,8 +167,8 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
                     info = json.loads(str(z["info"]))
         else:
             raise ValueError(f"{path}: unknown feature file type; use .npz, .npy or .safetensors")
-    except (KeyError, OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a dinokit feature file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # BadZipFile, EOFError, SafetensorError, numpy's ValueErrors: one line naming the file
+        raise ValueError(f"{path}: not a dinokit feature file ({type(e).__name__}: {one_line(str(e))})") from e
     if len(paths) != len(feats):
         raise ValueError(f"{path}: {len(feats)} feature rows but {len(paths)} paths")
     return Embeddings(feats.float(), paths, [], info)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from struct import error as struct_error
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -306,13 +306,17 @@ def load_rgb(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_M
         ext = path.suffix.lower()
         if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
             raise ImageError(path, f"unsupported type ({ext})")
-        return _decode(f, path, max_pixels)
+        return decode_rgb(f, path, max_pixels=max_pixels)
 
 
-def _decode(f: Any, path: Path, max_pixels: int | None) -> Image.Image:
+def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLike[str], *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image (a file path or a binary file object, e.g. a tar member) as :func:`load_rgb`
+    does; errors are :class:`ImageError` naming ``name``."""
+    path = name
     _allow_pixels(max_pixels)
     try:
-        with Image.open(f) as im:
+        with Image.open(source) as im:
             _check_pixels(path, im.size, max_pixels)
             im.load()  # decode now: truncated and corrupt data fail here, not later in a worker
             im = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from dinokit._validate import expect, expect_mapping, parse_json
+
 log = logging.getLogger(__name__)
 
 FULL_CHECKPOINT_KEYS = ("teacher", "student")
@@ -96,7 +98,7 @@ def unwrap_checkpoint(obj: Any, source: str, which: str = "teacher") -> tuple[di
             if key in obj:
                 extras[key] = _json_or_dict(obj[key], source, key)
         if "epoch" in obj:
-            extras["epoch"] = int(obj["epoch"])
+            extras["epoch"] = int(expect(obj["epoch"], (int, float), source, "epoch", error=CheckpointError))
         sd = backbone_from_wrapper(obj[which])
     else:
         if which == "student":
@@ -122,14 +124,9 @@ def _looks_like_state_dict(obj: Mapping[str, Any]) -> bool:
 
 
 def _json_or_dict(value: Any, source: str, key: str) -> dict[str, Any]:
-    import json
-
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        return json.loads(value)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: '{key}' entry is not JSON ({e})") from e
+    if isinstance(value, str):  # bounded parse: a checkpoint is not trusted
+        value = parse_json(value, f"{source}: {key}", error=CheckpointError)
+    return expect_mapping(value, source, key, error=CheckpointError)
 
 
 def drop_classifier(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
