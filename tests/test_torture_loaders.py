@@ -77,7 +77,7 @@ RANDOM = st.binary(min_size=0, max_size=512)
 def _tiny_state_dict() -> dict[str, torch.Tensor]:
     from conftest import make_tiny_vit
 
-    return {k: v.clone() for k, v in make_tiny_vit(depth=1, embed_dim=24, num_heads=2).state_dict().items()}
+    return {k: v.clone() for k, v in make_tiny_vit(depth=1, embed_dim=64, num_heads=1).state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out["full"] = buf.getvalue()
     out["safetensors"] = save(sd, metadata={"format": "pt"})
     folder = tmp_path_factory.mktemp("seed") / "m"
-    dinokit.save(make_tiny_vit(depth=1, embed_dim=24, num_heads=2), folder)
+    dinokit.save(make_tiny_vit(depth=1, embed_dim=64, num_heads=1), folder)
     out["config"] = (folder / "config.json").read_bytes()
     out["weights"] = (folder / "model.safetensors").read_bytes()
     out["recipe"] = Path(__file__).parents[1].joinpath("recipes", "fashion_mnist_vit_cpu.yaml").read_bytes()
@@ -122,7 +122,7 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
 def _check_model(model: Any) -> None:
     assert isinstance(model, torch.nn.Module) and not model.training
     with torch.no_grad():
-        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 24)
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 64)
 
 
 # ------------------------------------------------------------------ checkpoints
