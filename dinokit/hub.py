@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dinokit._io import atomic_folder, recover_folder
-from dinokit._validate import check_model_config, one_line, read_json, short
+from dinokit._validate import check_model_config, one_line, read_json, short, type_name
 from dinokit.models.convert import (
     CheckpointError,
     check_state_dict,
@@ -227,6 +227,9 @@ def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
     from dinokit.models.backbone import from_backbone_config
 
     sd, extras = unwrap_checkpoint(obj, source, which)  # HF ViT keys are converted here too
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:  # a tampered file: shape inference and loading expect tensors only
+        raise CheckpointError(f"{source}: {short(not_tensors[0])}: expected a tensor, got {type_name(sd[not_tensors[0]])}")
     if config is None and "backbone_config" in extras:
         config = extras["backbone_config"]
     cfg = _config_for(sd, config, source, model_args)

@@ -259,11 +259,16 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str,
     (DINO's head size) unless ``model_args`` gives ``num_heads``. ResNet: torchvision key names.
     ``model_args`` entries override what was inferred.
     """
-    if "patch_embed.proj.weight" in sd:
-        cfg = _infer_vit(sd, source, model_args or {})
-    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
-        cfg = _infer_resnet(sd, source)
-    else:
+    try:  # shapes of a tampered file may have too few dimensions
+        if "patch_embed.proj.weight" in sd:
+            cfg = _infer_vit(sd, source, model_args or {})
+        elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+            cfg = _infer_resnet(sd, source)
+        else:
+            cfg = None
+    except (IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{source}: tensor shapes do not fit a ViT or ResNet ({type(e).__name__}: {e})") from e
+    if cfg is None:
         sample = ", ".join(list(sd)[:6])
         raise CheckpointError(f"{source}: cannot tell the architecture (not a ViT or ResNet; keys: {sample}, ...)")
     cfg["model_args"].update(model_args or {})
