@@ -88,6 +88,7 @@ def json_depth(text: str) -> int:
 def parse_json(text: str, source: str | os.PathLike[str] = "", *, max_depth: int = MAX_DEPTH,
                error: type[Exception] = ValueError) -> Any:
     """``json.loads`` with a depth limit checked first; every failure is ``error("SOURCE: reason")``."""
+    expect(text, str, source, error=error)
     if json_depth(text) > max_depth:
         raise error(f"{where(source)}: nested deeper than {max_depth} levels")
     try:
@@ -135,6 +136,7 @@ def parse_yaml(text: str, source: str | os.PathLike[str] = "", *, max_depth: int
     """``yaml.safe_load`` with depth checked before and expanded size after; one-line errors."""
     import yaml  # PyYAML: only the recipe and --set paths need it
 
+    expect(text, str, source, error=error)
     if yaml_depth(text, source, error) > max_depth:
         raise error(f"{where(source)}: nested deeper than {max_depth} levels")
     try:

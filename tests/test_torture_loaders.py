@@ -321,3 +321,34 @@ def test_mutated_index_folders(tmp_path: Path, which: int, ops: list) -> None:  
     index = clear_error_or_result(lambda: Index.load(folder), folder)
     if index is not None:
         index.search(torch.ones(1, 8), k=3)
+
+
+# ------------------------------------------------------------------ run folders (export's metadata)
+@pytest.mark.parametrize(("file", "key", "value"), [
+    ("summary.json", "world_size", "two"), ("summary.json", "", [1, 2]), ("summary.json", "device", 3),
+    ("checkpoint.pth", "iteration", "4"), ("checkpoint.pth", "config", 5), ("checkpoint.pth", "config", "{"),
+    ("checkpoint.pth", "backbone_config", "[1]"),
+])
+def test_tampered_run_folder_metadata_names_file_and_key(tmp_path: Path, file: str, key: str, value: Any) -> None:
+    from conftest import make_tiny_vit
+
+    from dinokit.models.backbone import backbone_config
+    from dinokit.publish import export
+    from dinokit.training.config import TrainConfig
+
+    model = make_tiny_vit(depth=1, embed_dim=64, num_heads=1)
+    sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    state: dict[str, Any] = {"student": sd, "teacher": sd, "optimizer": {}, "epoch": 1, "iteration": 4,
+                             "config": TrainConfig().to_json(), "backbone_config": json.dumps(backbone_config(model))}
+    summary: Any = {"world_size": 1, "device": "cpu"}
+    if file == "summary.json":
+        summary = value if not key else {**summary, key: value}
+    else:
+        state[key] = value
+    torch.save(state, tmp_path / "checkpoint.pth")
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError) as err:
+        export(tmp_path, tmp_path / "out")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / file)) and (key in msg)
+    assert not (tmp_path / "out").exists()  # nothing half written
