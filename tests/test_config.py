@@ -117,9 +117,9 @@ def test_deep_nesting_is_an_error_not_a_recursion_error(tmp_path: Path, text: st
 def test_size_limits_come_before_parsing(tmp_path: Path) -> None:
     recipe = tmp_path / "huge.yaml"
     recipe.write_text("seed: 0\n" + "#" * (2 << 20))
-    with pytest.raises(ConfigError, match=r"huge.yaml: \d+ bytes, over the 1048576-byte limit for a recipe"):
+    with pytest.raises(ConfigError, match=r"huge.yaml: \d+ bytes, over the 262144-byte limit for a recipe"):
         load_config(recipe)
-    with pytest.raises(ConfigError, match="over the 1048576 limit"):
+    with pytest.raises(ConfigError, match="over the 262144 limit"):
         load_config(None, ["data.source=" + "x" * (2 << 20)])
     with pytest.raises(ConfigError, match=r"^ckpt: nested deeper than 64 levels"):
         TrainConfig.from_json("[" * 100_000 + "]" * 100_000, "ckpt")

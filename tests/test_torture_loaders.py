@@ -254,7 +254,8 @@ def test_mutated_recipes(seeds: dict[str, bytes], tmp_path: Path, ops: list) -> 
 
 
 @SETTINGS
-@given(text=st.text(max_size=200) | st.text(alphabet="[]{}:-&*!|>, \n'\"ab1", max_size=300))
+@given(text=st.text(max_size=200) | st.text(alphabet="[]{}:-&*!|>, \n'\"ab1", max_size=300)
+       | st.binary(max_size=64).map(lambda b: b.decode("utf-8", "surrogateescape")))  # argv of any bytes
 def test_random_recipe_text_and_set_values(tmp_path: Path, text: str) -> None:
     from dinokit.training.config import load_config
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from dinokit._validate import MAX_CONFIG_BYTES, one_line, parse_json, parse_yaml, read_yaml, short, type_name
+from dinokit._validate import MAX_YAML_BYTES, one_line, parse_json, parse_yaml, read_yaml, short, type_name
 from dinokit.data.multicrop import MultiCropSpec
 
 
@@ -173,8 +173,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     else:
         items = []
         for item in overrides:
-            if len(item) > MAX_CONFIG_BYTES:
-                raise ConfigError(f"--set {one_line(item, 80)}: {len(item)} characters, over the {MAX_CONFIG_BYTES} limit")
+            if len(item) > MAX_YAML_BYTES:
+                raise ConfigError(f"--set {one_line(item, 80)}: {len(item)} characters, over the {MAX_YAML_BYTES} limit")
             if "=" not in item:
                 raise ConfigError(f"--set {one_line(item, 80)}: expected key=value (e.g. optim.lr=0.001)")
             key, _, text = item.partition("=")
