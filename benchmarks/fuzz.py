@@ -113,8 +113,8 @@ def make_target(target: str) -> Callable[[bytes], None]:
     path = model_dir / "config.json" if target == "config" else tmp / f"input{suffix}"
 
     def run(data: bytes) -> None:
-        if target == "set":
-            text = data.decode("utf-8", "replace")
+        if target == "set":  # argv holds any bytes: Python decodes them with surrogate escapes
+            text = data.decode("utf-8", "surrogateescape")
             _contract(lambda: load_config(None, [f"model.model_args={text}"]), "--set")
             return
         if target == "json":
