@@ -247,7 +247,7 @@ def _carry_over(old: Path, new: Path) -> None:
         elif entry.is_symlink():
             os.symlink(os.readlink(entry.path), dst)
         else:
-            _link_or_copy(entry.path, dst)
+            _link_or_copy(entry.path, str(dst))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

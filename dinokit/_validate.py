@@ -132,7 +132,7 @@ def yaml_depth(text: str, source: str | os.PathLike[str] = "", error: type[Excep
     except yaml.YAMLError as e:
         raise error(f"{where(source)}: not valid YAML ({_yaml_reason(e)})") from e
     except UnicodeError as e:  # e.g. a --set argument holding undecodable bytes (surrogate escapes)
-        raise error(f"{where(source)}: not valid text ({type(e).__name__} at position {e.start})") from e
+        raise error(f"{where(source)}: not valid text ({type(e).__name__} at position {getattr(e, 'start', '?')})") from e
     return best
 
 

@@ -319,8 +319,8 @@ def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLik
         with Image.open(source) as im:
             _check_pixels(path, im.size, max_pixels)
             im.load()  # decode now: truncated and corrupt data fail here, not later in a worker
-            im = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
-            return to_rgb(im)
+            upright = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
+            return to_rgb(upright)
     except ImageError:
         raise
     except Image.UnidentifiedImageError as e:
