@@ -28,6 +28,7 @@ from torch import nn
 from dinokit import distributed
 from dinokit._io import atomic_path, write_json
 from dinokit._types import Progress
+from dinokit._validate import one_line
 from dinokit.data.images import ImageError, Skipped, collate_skipping
 from dinokit.data.sources import (
     ArrayDataset,
@@ -269,8 +270,10 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
         raise FileNotFoundError(f"{path}: no such file or folder")
     try:
         emb = _read_file(path)
-    except (KeyError, OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a dinokit feature file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # BadZipFile, EOFError, SafetensorError, numpy's ValueErrors: one line naming the file
+        if isinstance(e, ValueError) and str(e).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: not a dinokit feature file ({type(e).__name__}: {one_line(str(e))})") from e
     if len(emb.paths) != len(emb.features):
         raise ValueError(f"{path}: {len(emb.features)} feature rows but {len(emb.paths)} paths")
     emb.features = emb.features.float()

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinokit._io import atomic_folder, recover_folder
+from dinokit._validate import check_model_config, one_line, read_json, short, type_name
 from dinokit.models.convert import (
     CheckpointError,
     check_state_dict,
@@ -72,6 +73,7 @@ def load(
         model = _load_registry(get_entry(src), model_args)
     else:
         path = Path(src).expanduser()
+        recover_folder(path)  # finish or discard a save that a killed process left half done
         if path.is_dir():
             model = _load_folder(path, src, which, model_args)
         elif path.is_file():
@@ -221,10 +223,8 @@ def _hf_cache_dir() -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON config ({e})") from e
+    # size- and depth-limited, and a JSON list or a string model_args is a one-line error naming the key
+    return check_model_config(read_json(path, what="config.json", error=CheckpointError), path, error=CheckpointError)
 
 
 def _tupled(d: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +248,7 @@ def _config_for(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None
             mode = "offset"  # an official DINO v1 file (timm keys): the official resize
         cfg["pos_embed_resize"] = mode
         return cfg
+    config = check_model_config(config, source, error=CheckpointError)
     if "architecture" in config:  # timm / dinokit layout
         arch = str(config["architecture"])
         cfg = {"architecture": arch, "model_args": dict(config.get("model_args") or {})}
@@ -282,6 +283,9 @@ def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
     from dinokit.models.backbone import from_backbone_config
 
     sd, extras = unwrap_checkpoint(obj, source, which)  # HF ViT keys are converted here too
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:  # a tampered file: shape inference and loading expect tensors only
+        raise CheckpointError(f"{source}: {short(not_tensors[0])}: expected a tensor, got {type_name(sd[not_tensors[0]])}")
     if config is None and "backbone_config" in extras:
         config = extras["backbone_config"]
     cfg = _config_for(sd, config, source, model_args, extras)
@@ -292,7 +296,7 @@ def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
             model = from_backbone_config(cfg)
     except Exception as e:
         raise CheckpointError(f"{source}: cannot build {cfg.get('architecture')} "
-                              f"with {cfg.get('model_args')} ({type(e).__name__}: {e})") from e
+                              f"with {short(cfg.get('model_args'))} ({type(e).__name__}: {one_line(str(e))})") from e
     sd = check_state_dict(model, sd, source)
     expected = model.state_dict()
     sd = {k: v.to(dtype=expected[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -341,24 +345,13 @@ def save(
     config.update(dict(extra_config or {}))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # Staged beside the old folder and switched in whole: a kill at any instant leaves the old or
+    # the new model, never new config.json beside old weights. Other files in the folder are kept.
+    with atomic_folder(folder, keep_existing=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD_NAME).write_text(model_card(config, name=name, metrics=metrics,
                                                 body=card, dataset=dataset, license=license))
-        if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
-            os.replace(tmp, folder)  # replacing an empty directory is atomic on POSIX
-        else:
-            if not folder.is_dir():
-                raise NotADirectoryError(f"{folder}: exists and is not a folder")
-            for f in tmp.iterdir():  # keep other files in the folder; replace ours one by one
-                os.replace(f, folder / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s to %s", config["dinokit"]["name"], folder)
     return folder
 

@@ -8,13 +8,14 @@ huggingface_hub and returns the commit URL.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dinokit._validate import expect, expect_mapping, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,10 @@ def export(
     state = read_checkpoint(ckpt)
     if not isinstance(state, dict) or "config" not in state or which not in state:
         raise ValueError(f"{ckpt}: not a dinokit training checkpoint (needs '{which}' and 'config')")
-    cfg = TrainConfig.from_json(state["config"], str(ckpt))
+    for key, types in (("iteration", int), ("epoch", int), ("time_s", (int, float)), ("precision", str)):
+        if state.get(key) is not None:  # a tampered checkpoint: one line naming the file and key
+            expect(state[key], types, ckpt, key)
+    cfg = TrainConfig.from_json(state["config"], f"{ckpt}: config")
     summary = _read_json_file(run_dir / "summary.json")
     iteration = int(state.get("iteration", summary.get("iterations", 0) or 0))
     if knn is None:
@@ -169,14 +173,19 @@ def export(
                         extra_config={"dinokit_train": train_info}, dataset=dataset)
 
 
+_SUMMARY_TYPES: dict[str, Any] = {"iterations": int, "train_time_s": (int, float), "world_size": int,
+                                  "device": str, "precision": str, "images_per_s": (int, float), "stopped": str}
+
+
 def _read_json_file(path: Path) -> dict[str, Any]:
+    """A run's summary.json, size- and depth-limited, with the fields export reads type-checked."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not readable JSON ({exc})") from exc
-    return data if isinstance(data, dict) else {}
+    data = expect_mapping(read_json(path, what="run summary"), path)
+    for key, types in _SUMMARY_TYPES.items():
+        if data.get(key) is not None:
+            expect(data[key], types, path, key)
+    return data
 
 
 def _knn_record(path: Path, iteration: int) -> dict[str, Any] | None:

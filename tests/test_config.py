@@ -74,3 +74,73 @@ def test_override_syntax_errors(tmp_path: Path) -> None:
         load_config(None, ["optim.lr=1", "optim.lr.x=1"])
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml: config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- bounded parsing (issue 16)
+BILLION_LAUGHS = "\n".join(
+    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    + ["model:", "  model_args:", "    x: *i", "seed: *i"])
+
+
+def test_billion_laughs_recipe_is_a_fast_one_line_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text(BILLION_LAUGHS)  # 9**9 = 387 million strings once expanded
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    msg = str(err.value)
+    assert msg.startswith(f"{recipe}: expands to more than") and "\n" not in msg and len(msg) < 200
+
+
+def test_wrong_type_error_shows_a_shortened_value(tmp_path: Path) -> None:
+    big = {"k": list(range(100_000))}
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"seed": big}, "r.yaml")
+    msg = str(err.value)
+    assert msg.startswith("r.yaml: seed: expected an integer, got {'k': [0, 1, 2, 3, 4, 5, ...]}") and len(msg) < 120
+    with pytest.raises(ConfigError, match=r"^--set: device: must be auto.*got 'xxxxx.*\.\.\.") as err:
+        TrainConfig().replace({"device": "x" * 1_000_000})
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "a:\n" + "".join(" " * i + "- \n" for i in range(1, 300)),
+                                  "{a: " * 3000 + "1" + "}" * 3000])
+def test_deep_nesting_is_an_error_not_a_recursion_error(tmp_path: Path, text: str) -> None:
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=r"deep.yaml: (nested deeper than 64 levels|not valid YAML)"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"^--set model.model_args: (nested deeper|not valid YAML)"):
+        load_config(None, ["model.model_args=" + text])
+
+
+def test_size_limits_come_before_parsing(tmp_path: Path) -> None:
+    recipe = tmp_path / "huge.yaml"
+    recipe.write_text("seed: 0\n" + "#" * (2 << 20))
+    with pytest.raises(ConfigError, match=r"huge.yaml: \d+ bytes, over the 262144-byte limit for a recipe"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="over the 262144 limit"):
+        load_config(None, ["data.source=" + "x" * (2 << 20)])
+    with pytest.raises(ConfigError, match=r"^ckpt: nested deeper than 64 levels"):
+        TrainConfig.from_json("[" * 100_000 + "]" * 100_000, "ckpt")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[1, 2]", "r.yaml: expected a mapping at the top level, got list [1, 2]"),
+    ("model: [a]", "r.yaml: model: expected a mapping, got list ['a']"),
+    ("model:\n  model_args: patch_size=4", "r.yaml: model.model_args: expected a mapping, got 'patch_size=4'"),
+    ("data:\n  mean: 0.5", "r.yaml: data.mean: expected a list of 3 numbers, got 0.5"),
+    ("? [a, b]\n: 1", "r.yaml: not valid YAML"),
+    ("x: !!python/object/apply:os.system ['echo hi']", "r.yaml: not valid YAML"),
+    ("\udcff", None),
+])
+def test_structural_errors_name_file_and_key(tmp_path: Path, text: str, message: str | None) -> None:
+    recipe = tmp_path / "r.yaml"
+    if message is None:
+        recipe.write_bytes(b"seed: \xff\xfe")
+        message = "r.yaml: not UTF-8 text"
+    else:
+        recipe.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert str(err.value).replace(str(tmp_path) + "/", "").startswith(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,124 @@ def test_eval_transform_sizes_follow_model_cfg(tiny_vit: torch.nn.Module) -> Non
     # a model's pretrained_cfg is used when a model is given
     y = eval_transform(tiny_vit, image_size=40)(img)
     assert y.shape == (3, 40, 40)
+
+
+# ---------------------------------------------------------------- hostile folders (issue 16)
+def _png(path: Path, seed: int = 0, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_rgb_array(seed, size, size)).save(path)
+
+
+def _bomb_png(path: Path, w: int = 40000, h: int = 40000) -> None:
+    """A 100-byte PNG whose header claims w x h pixels (the data is not there: decoding would fail)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _loop_folder(root: Path) -> list[str]:
+    names = ["a.png", "b.png", "c.png", "sub/d.png", "sub/e.png", "sub/deep/f.png", "g/h.png", "g/i.png", "j.png"]
+    for i, rel in enumerate(names):
+        _png(root / rel, i)
+    (root / "sub" / "loop").symlink_to("..")  # sub/loop -> root: a cycle
+    (root / "g" / "again").symlink_to("../sub")  # a second way into sub
+    return sorted(names)
+
+
+def test_walk_visits_each_real_folder_once_despite_link_loops(tmp_path: Path) -> None:
+    from dinokit.data.images import scan_images
+
+    names = _loop_folder(tmp_path)
+    scan = scan_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in scan.paths] == names  # 9 rows, not 369
+    assert scan.skipped == []
+
+
+def test_loop_guard_mutation_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the (device, inode) guard removed the same walk repeats images: the test above fails."""
+    from dinokit.data import images
+
+    for i, rel in enumerate(["a.png", "b.png", "sub/c.png"]):
+        _png(tmp_path / rel, i)
+    (tmp_path / "sub" / "loop").symlink_to("..")  # one loop only: the unguarded walk is linear, ~40 deep
+    assert len(images.scan_images(tmp_path).paths) == 3
+    monkeypatch.setattr(images, "_first_visit", lambda seen, st: True)
+    assert len(images.scan_images(tmp_path).paths) > 30 * 3
+
+
+def test_links_outside_the_root_are_named_not_followed(tmp_path: Path) -> None:
+    from dinokit.data.images import scan_images
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    _png(root / "in.png")
+    _png(outside / "o1.png", 1)
+    _png(outside / "deep" / "o2.png", 2)
+    (root / "ext").symlink_to(outside)
+    (root / "one.png").symlink_to(outside / "o1.png")
+    (root / "inner.png").symlink_to("in.png")  # inside the root: followed
+    (root / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    scan = scan_images(root)
+    assert [p.name for p in scan.paths] == ["in.png", "inner.png"]
+    reasons = {Path(p).name: r for p, r in scan.skipped}
+    assert set(reasons) == {"ext", "one.png", "dangling.png"}
+    assert reasons["ext"].startswith("link outside the folder") and reasons["dangling.png"] == "broken link"
+    followed = scan_images(root, follow_links=True)
+    assert [p.relative_to(root).as_posix() for p in followed.paths] == [
+        "ext/deep/o2.png", "ext/o1.png", "in.png", "inner.png", "one.png"]
+
+
+def test_every_skipped_file_is_named_once_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from dinokit.data.images import scan_images
+
+    _png(tmp_path / "ok.png")
+    (tmp_path / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (tmp_path / "photo.heic").write_text("a text file named .heic")
+    (tmp_path / "notes.txt").write_text("hello")
+    _png(tmp_path / "locked.png", 3)
+    _bomb_png(tmp_path / "bomb.png")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).endswith("locked.png") and real_access(p, mode))
+    scan = scan_images(tmp_path)
+    reasons = {Path(p).name: r for p, r in scan.skipped}
+    assert [p.name for p in scan.paths] == ["bomb.png", "ok.png"]  # the header is not read without max_pixels
+    assert reasons == {"logo.svg": "unsupported type (.svg)", "photo.heic": "unsupported type (.heic)",
+                       "notes.txt": "not an image (.txt)", "locked.png": "unreadable (permission denied)"}
+    checked = scan_images(tmp_path, max_pixels=10_000)
+    assert dict((Path(p).name, r.split(" (")[0]) for p, r in checked.skipped)["bomb.png"] == "too large"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        list_images(tmp_path)
+    assert sorted(r.getMessage() for r in caplog.records if "skipped" in r.getMessage()) == sorted(
+        f"skipped {tmp_path / n}: {r}" for n, r in reasons.items())  # each once
+
+
+def test_pixel_limit_is_a_parameter_the_user_can_raise(tmp_path: Path) -> None:
+    _png(tmp_path / "big.png", size=100)
+    with pytest.raises(ImageError, match=r"big.png: too large \(100x100 = 10000 pixels, over the limit of 5000"):
+        load_rgb(tmp_path / "big.png", max_pixels=5000)
+    assert load_rgb(tmp_path / "big.png", max_pixels=10_000).size == (100, 100)
+    _bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(ImageError, match=r"bomb.png: too large \(.*1600000000 pixels.*raise max_pixels"):
+        load_rgb(tmp_path / "bomb.png")  # refused from the header, before any decoding
+    with pytest.raises(ImageError, match=r"bomb.png: (truncated|corrupt)"):
+        load_rgb(tmp_path / "bomb.png", max_pixels=2_000_000_000)  # raised: decoding is tried, and fails
+    (tmp_path / "x.svg").write_text("<svg/>")
+    with pytest.raises(ImageError, match=r"x.svg: unsupported type \(.svg\)"):
+        load_rgb(tmp_path / "x.svg")
+
+
+def test_labeled_folder_walks_once_and_ignores_loops(tmp_path: Path) -> None:
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            _png(tmp_path / cls / f"{i}.png", i)
+    (tmp_path / "cat" / "up").symlink_to("..")
+    paths, labels, classes = labeled_folder(tmp_path)
+    assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 1, 1]
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
@@ -27,6 +28,16 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 })
 
 
+# Image formats Pillow does not decode here (or that dinokit does not take): files with these
+# suffixes are named as "unsupported type" rather than silently ignored.
+UNSUPPORTED_IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".svg", ".svgz", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".psd", ".eps", ".ai", ".pdf",
+    ".exr", ".hdr", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".xcf",
+})
+# Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): the default limit.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
 class ImageError(ValueError):
     """An image file that cannot be used; ``str(err)`` is ``"PATH: reason"``."""
 
@@ -36,39 +47,162 @@ class ImageError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class ImageScan(NamedTuple):
+    """What a folder walk found: image paths (sorted by relative path) and the files it skipped,
+    each once, as ``(path, reason)``."""
+
+    paths: list[Path]
+    skipped: list[tuple[str, str]]
+
+
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True when the file name ends with one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """All image files under ``root`` (recursive, symlinked folders followed), sorted by relative path.
+def _type_reason(name: str) -> str | None:
+    """Why a file name is not taken as an image (None when its suffix is one of ours)."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return None
+    if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported type ({ext})"
+    return f"not an image ({ext or 'no suffix'})"
 
-    Hidden files and folders (names starting with ".") are skipped. Raises FileNotFoundError /
-    NotADirectoryError naming ``root`` when it is not a folder.
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link_reason(entry: os.DirEntry[str], root_real: str, follow_links: bool) -> str | None:
+    """Why a symlink is not followed (None when it is)."""
+    target = os.path.realpath(entry.path)
+    if not os.path.exists(target):
+        return "broken link"
+    if not follow_links and not _inside(target, root_real):
+        return "link outside the folder (follow_links=True / --follow-links to follow it)"
+    return None
+
+
+def _file_reason(entry: os.DirEntry[str], max_pixels: int | None) -> str | None:
+    """Why a file found by the walk is skipped (None when it is an image to use)."""
+    if not entry.is_file():
+        return "not a regular file"
+    reason = _type_reason(entry.name)
+    if reason is None and not os.access(entry.path, os.R_OK):
+        reason = "unreadable (permission denied)"
+    if reason is None and max_pixels is not None:
+        try:
+            _check_header(entry.path, max_pixels)
+        except ImageError as e:
+            reason = e.reason
+    return reason
+
+
+def _scan_dir(folder: Path, root_real: str, follow_links: bool, max_pixels: int | None,
+              found: list[Path], skipped: list[tuple[str, str]]) -> list[Path]:
+    """One folder of the walk: images into ``found``, skips into ``skipped``; returns its subfolders."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        skipped.append((str(folder), f"unreadable folder ({e.strerror or type(e).__name__})"))
+        return []
+    subdirs = []
+    for entry in entries:
+        if entry.name.startswith("."):  # hidden files, and dinokit's own temporary files
+            continue
+        try:
+            reason = _link_reason(entry, root_real, follow_links) if entry.is_symlink() else None
+            if reason is None and entry.is_dir():
+                subdirs.append(Path(entry.path))
+                continue
+            reason = reason or _file_reason(entry, max_pixels)
+        except OSError as e:  # e.g. ELOOP from a chain of links: name it, keep walking
+            reason = f"unreadable ({e.strerror or type(e).__name__})"
+        if reason is None:
+            found.append(Path(entry.path))
+        else:
+            skipped.append((entry.path, reason))
+    return subdirs
+
+
+def _first_visit(seen: set[tuple[int, int]], st: os.stat_result) -> bool:
+    """The loop guard: True the first time a real folder (device, inode) is reached."""
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def scan_images(root: str | os.PathLike[str], *, follow_links: bool = False,
+                max_pixels: int | None = None) -> ImageScan:
+    """Walk ``root`` for image files, naming each file it skips once with its reason.
+
+    Each real folder is visited once (by device and inode), so a link loop (``sub/loop -> ..``)
+    or two links to one folder add nothing. Links (to files or folders) that lead outside ``root``
+    are skipped unless ``follow_links``. Skip reasons: not an image, unsupported type (.svg,
+    .heic, ...), unreadable, broken link, link outside the folder, and with ``max_pixels`` (which
+    opens each file's header) too large or not an image by content. Hidden names are ignored.
     """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder")
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and is_image_file(name):
-                p = Path(dirpath) / name
-                found.append((p.relative_to(root).as_posix(), p))
+    root_real = os.path.realpath(root)
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError as e:
+            skipped.append((str(folder), f"unreadable folder ({e.strerror or type(e).__name__})"))
+            continue
+        if not _first_visit(seen, st):  # a link loop or a second way into a visited folder
+            log.debug("%s: folder already visited, not walked again", folder)
+            continue
+        stack.extend(_scan_dir(folder, root_real, follow_links, max_pixels, found, skipped))
     # Sort on the relative POSIX path so the order is the same on every OS and filesystem.
-    found.sort(key=lambda item: item[0])
-    return [p for _, p in found]
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    skipped.sort()
+    return ImageScan(found, skipped)
 
 
-def labeled_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, list[str]]:
+def log_skipped(skipped: Sequence[tuple[str, str]], limit: int = 10) -> None:
+    """Log skipped files once each, up to ``limit`` per kind of reason, then a count per kind."""
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for path, reason in skipped:
+        by_kind.setdefault(reason.split(" (")[0], []).append((path, reason))
+    for kind, items in by_kind.items():
+        for path, reason in items[:limit]:
+            log.warning("skipped %s: %s", path, reason)
+        if len(items) > limit:
+            log.warning("skipped %d more files: %s", len(items) - limit, kind)
+
+
+def list_images(root: str | os.PathLike[str], *, follow_links: bool = False) -> list[Path]:
+    """All image files under ``root`` (recursive), sorted by relative path; see :func:`scan_images`.
+
+    Skipped files are logged once each (WARNING). Raises FileNotFoundError / NotADirectoryError
+    naming ``root`` when it is not a folder.
+    """
+    scan = scan_images(root, follow_links=follow_links)
+    log_skipped(scan.skipped)
+    return scan.paths
+
+
+def labeled_folder(root: str | os.PathLike[str], *,
+                   follow_links: bool = False) -> tuple[list[Path], np.ndarray, list[str]]:
     """A class-subfolder dataset (``root/<class>/**/<image>``, like torchvision's ImageFolder).
 
     Returns ``(paths, labels, classes)``: image paths, int64 labels (N,) indexing ``classes``
     (subfolder names, sorted). Images directly in ``root`` are ignored; empty classes are kept.
+    One walk of ``root`` (:func:`scan_images`): a class folder that links outside ``root`` is
+    skipped unless ``follow_links``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -76,14 +210,18 @@ def labeled_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class subfolders (expected ROOT/<class>/<image>)")
+    scan = scan_images(root, follow_links=follow_links)
+    log_skipped(scan.skipped)
+    index = {name: i for i, name in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
-    for idx, name in enumerate(classes):
-        found = list_images(root / name)
-        if not found:
-            log.warning("%s: class folder holds no images", root / name)
-        paths.extend(found)
-        labels.extend([idx] * len(found))
+    for p in scan.paths:
+        parts = p.relative_to(root).parts
+        if len(parts) > 1 and parts[0] in index:
+            paths.append(p)
+            labels.append(index[parts[0]])
+    for name in sorted(set(classes) - {classes[i] for i in set(labels)}):
+        log.warning("%s: class folder holds no images", root / name)
     if not paths:
         raise ValueError(f"{root}: no images in any class subfolder")
     return paths, np.asarray(labels, dtype=np.int64), classes
@@ -116,37 +254,82 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+def _allow_pixels(max_pixels: int | None) -> None:
+    """Raise (never lower) Pillow's own bomb limit so that ``max_pixels`` is the one that applies."""
+    if max_pixels is None:
+        Image.MAX_IMAGE_PIXELS = None
+    elif Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # its warning starts there, its error at twice that
+
+
+def _check_pixels(path: str | os.PathLike[str], size: tuple[int, int], max_pixels: int | None) -> None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(path, f"too large ({w}x{h} = {w * h} pixels, over the limit of {max_pixels}; "
+                               "raise max_pixels to allow it)")
+
+
+def _check_header(path: str | os.PathLike[str], max_pixels: int | None) -> None:
+    """Read only the header: ImageError when the file is not an image or has too many pixels."""
+    _allow_pixels(max_pixels)
+    try:
+        with Image.open(path) as im:
+            _check_pixels(path, im.size, max_pixels)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(path, "not an image (unknown format)") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"too large ({str(e).rstrip('.')}; raise max_pixels to allow it)") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise ImageError(path, f"corrupt image ({type(e).__name__}: {str(e).strip()[:120]})") from e
+
+
+def load_rgb(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file fully into an "RGB" PIL image with its EXIF orientation applied.
 
-    Raises :class:`ImageError` ("PATH: reason") for missing, empty, truncated, corrupt or
-    non-image files, so callers can skip and report them.
+    Raises :class:`ImageError` ("PATH: reason") for missing, unreadable, empty, truncated, corrupt,
+    unsupported or non-image files and for images of more than ``max_pixels`` pixels (checked
+    from the header, before decoding; None: no limit), so callers can skip and report them.
     """
     path = Path(path)
     try:
         size = path.stat().st_size
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below; only opening errors caught here
+    except PermissionError as e:
+        raise ImageError(path, "unreadable (permission denied)") from e
     except OSError as e:
         raise ImageError(path, f"cannot read file ({e.strerror or e})") from e
-    if size == 0:
-        raise ImageError(path, "empty file")
-    return decode_rgb(path, path)
+    with f:
+        if size == 0:
+            raise ImageError(path, "empty file")
+        ext = path.suffix.lower()
+        if ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+            raise ImageError(path, f"unsupported type ({ext})")
+        return decode_rgb(f, path, max_pixels=max_pixels)
 
 
-def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image (a file path or a binary file object, e.g. a tar member) as :func:`load_rgb` does;
-    errors are :class:`ImageError` naming ``name``."""
+def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLike[str], *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image (a file path or a binary file object, e.g. a tar member) as :func:`load_rgb`
+    does; errors are :class:`ImageError` naming ``name``."""
     path = name
+    _allow_pixels(max_pixels)
     try:
         with Image.open(source) as im:
+            _check_pixels(path, im.size, max_pixels)
             im.load()  # decode now: truncated and corrupt data fail here, not later in a worker
-            im = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
-            return to_rgb(im)
+            upright = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
+            return to_rgb(upright)
+    except ImageError:
+        raise
     except Image.UnidentifiedImageError as e:
         raise ImageError(path, "not an image (unknown format)") from e
     except Image.DecompressionBombError as e:
-        raise ImageError(path, f"image too large ({e})") from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
-        reason = str(e).strip() or type(e).__name__
+        raise ImageError(path, f"too large ({str(e).rstrip('.')}; raise max_pixels to allow it)") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError,
+            struct_error, ZeroDivisionError, OverflowError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
         if "truncated" in reason:
             reason = f"truncated image ({reason})"
         else:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from dinokit._validate import expect, expect_mapping, parse_json
+
 log = logging.getLogger(__name__)
 
 FULL_CHECKPOINT_KEYS = ("teacher", "student")
@@ -103,7 +105,7 @@ def unwrap_checkpoint(obj: Any, source: str, which: str = "teacher") -> tuple[di
             if key in obj:
                 extras[key] = _json_or_dict(obj[key], source, key)
         if "epoch" in obj:
-            extras["epoch"] = int(obj["epoch"])
+            extras["epoch"] = int(expect(obj["epoch"], (int, float), source, "epoch", error=CheckpointError))
         sd = backbone_from_wrapper(obj[which])
     else:
         if which == "student":
@@ -161,14 +163,9 @@ def _looks_like_state_dict(obj: Mapping[str, Any]) -> bool:
 
 
 def _json_or_dict(value: Any, source: str, key: str) -> dict[str, Any]:
-    import json
-
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        return json.loads(value)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: '{key}' entry is not JSON ({e})") from e
+    if isinstance(value, str):  # bounded parse: a checkpoint is not trusted
+        value = parse_json(value, f"{source}: {key}", error=CheckpointError)
+    return expect_mapping(value, source, key, error=CheckpointError)
 
 
 def drop_classifier(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,19 +298,25 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str,
     (DINO's head size) unless ``model_args`` gives ``num_heads``. ResNet: torchvision key names.
     ``model_args`` entries override what was inferred.
     """
-    if "patch_embed.proj.weight" in sd and "pos_embed" not in sd and "reg_token" in sd:
-        from dinokit.models.dinov3 import infer_dinov3  # RoPE ViT (Eva): no position table
+    try:  # shapes of a tampered file may have too few dimensions
+        if "patch_embed.proj.weight" in sd and "pos_embed" not in sd and "reg_token" in sd:
+            from dinokit.models.dinov3 import infer_dinov3  # RoPE ViT (Eva): no position table
 
-        cfg = infer_dinov3(sd, source, (model_args or {}).get("num_heads"))
-    elif "patch_embed.proj.weight" in sd:
-        cfg = _infer_vit(sd, source, model_args or {})
-    elif "stem.0.weight" in sd and "stages.0.blocks.0.conv_dw.weight" in sd:
-        from dinokit.models.convnext import infer_convnext
+            cfg = infer_dinov3(sd, source, (model_args or {}).get("num_heads"))
+        elif "patch_embed.proj.weight" in sd:
+            cfg = _infer_vit(sd, source, model_args or {})
+        elif "stem.0.weight" in sd and "stages.0.blocks.0.conv_dw.weight" in sd:
+            from dinokit.models.convnext import infer_convnext
 
-        cfg = infer_convnext(sd, source)
-    elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
-        cfg = _infer_resnet(sd, source)
-    else:
+            cfg = infer_convnext(sd, source)
+        elif "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+            cfg = _infer_resnet(sd, source)
+        else:
+            cfg = None
+    except (IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{source}: tensor shapes do not fit a ViT, ConvNeXt or ResNet "
+                              f"({type(e).__name__}: {e})") from e
+    if cfg is None:
         sample = ", ".join(list(sd)[:6])
         raise CheckpointError(f"{source}: cannot tell the architecture (not a ViT, ConvNeXt or ResNet; "
                               f"keys: {sample}, ...)")

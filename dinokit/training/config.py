@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from dinokit._validate import MAX_YAML_BYTES, one_line, parse_json, parse_yaml, read_yaml, short, type_name
 from dinokit.data.multicrop import MultiCropSpec
 
 
@@ -133,7 +134,8 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "") -> TrainConfig:
-        return cls.from_dict(json.loads(text), source)
+        data = parse_json(text, source, error=ConfigError)
+        return cls.from_dict(data, source)
 
     def replace(self, overrides: list[str] | dict[str, Any]) -> TrainConfig:
         """A copy with dotted overrides applied (``["optim.lr=0.001"]`` or ``{"optim.lr": 0.001}``)."""
@@ -147,20 +149,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     data: dict[str, Any] = {}
     source = ""
     if path is not None:
-        import yaml
-
         path = Path(path)
         source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from e
+        # size, depth and alias expansion are bounded before and while parsing (YAML is a superset of JSON)
+        loaded = read_yaml(path, what="recipe", error=ConfigError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type_name(loaded)} {short(loaded)}")
         data = loaded
     if overrides:
         apply_overrides(data, overrides)
@@ -170,20 +168,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> None:
     """Set dotted keys in a nested dict in place; string values are parsed as YAML scalars/lists."""
-    import yaml
-
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
         items = []
         for item in overrides:
+            if len(item) > MAX_YAML_BYTES:
+                raise ConfigError(f"--set {one_line(item, 80)}: {len(item)} characters, over the {MAX_YAML_BYTES} limit")
             if "=" not in item:
-                raise ConfigError(f"--set {item}: expected key=value (e.g. optim.lr=0.001)")
+                raise ConfigError(f"--set {one_line(item, 80)}: expected key=value (e.g. optim.lr=0.001)")
             key, _, text = item.partition("=")
-            try:
-                value = yaml.safe_load(text) if text.strip() else None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--set {item}: cannot parse value ({str(e).splitlines()[0]})") from e
+            value = parse_yaml(text, f"--set {one_line(key.strip(), 80)}", error=ConfigError) if text.strip() else None
             items.append((key.strip(), value))
     for key, value in items:
         parts = key.split(".")
@@ -215,14 +210,14 @@ def _err(source: str, key: str, msg: str) -> ConfigError:
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
-        raise _err(source, prefix or "<top>", f"expected a mapping, got {type(data).__name__}")
+        raise _err(source, prefix.rstrip(".") or "<top>", f"expected a mapping, got {type_name(data)} {short(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
         import difflib
 
-        key = unknown[0]
+        key = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 60 else short(unknown[0])
         close = difflib.get_close_matches(str(key), sorted(names), n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
         raise _err(source, f"{prefix}{key}", f"unknown key{hint}")
@@ -244,27 +239,27 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return _coerce(inner[0], value, key, source)
     if origin is Literal:
         if value not in args:
-            raise _err(source, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise _err(source, key, f"must be one of {', '.join(map(repr, args))}, got {short(value)}")
         return value
     if tp is Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise _err(source, key, f"expected a list of {len(args)} numbers, got {value!r}")
+            raise _err(source, key, f"expected a list of {len(args)} numbers, got {short(value)}")
         return tuple(_coerce(a, v, key, source) for a, v in zip(args, value, strict=True))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise _err(source, key, f"expected a mapping, got {value!r}")
+            raise _err(source, key, f"expected a mapping, got {short(value)}")
         return {str(k): v for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise _err(source, key, f"expected true or false, got {value!r}")
+            raise _err(source, key, f"expected true or false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise _err(source, key, f"expected an integer, got {value!r}")
+            raise _err(source, key, f"expected an integer, got {short(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -272,13 +267,13 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             try:
                 return float(value)
             except ValueError:
-                raise _err(source, key, f"expected a number, got {value!r}") from None
+                raise _err(source, key, f"expected a number, got {short(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _err(source, key, f"expected a number, got {value!r}")
+            raise _err(source, key, f"expected a number, got {short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise _err(source, key, f"expected a string, got {value!r}")
+            raise _err(source, key, f"expected a string, got {short(value)}")
         return value
     raise _err(source, key, f"unsupported type {tp!r}")  # pragma: no cover - schema bug
 
@@ -333,9 +328,9 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     check(k.k >= 1, "knn.k", f"must be >= 1, got {k.k}")
     check(k.temperature > 0, "knn.temperature", f"must be > 0, got {k.temperature}")
     check(k.batch_size >= 1, "knn.batch_size", f"must be >= 1, got {k.batch_size}")
-    check(cfg.precision in ("auto", "fp32", "bf16", "fp16"), "precision", f"bad value {cfg.precision!r}")
+    check(cfg.precision in ("auto", "fp32", "bf16", "fp16"), "precision", f"bad value {short(cfg.precision)}")
     check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-          f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+          f"must be auto, cpu, cuda or cuda:N, got {short(cfg.device)}")
     check(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", f"must be >= 1, got {cfg.num_threads}")
     check(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
     check(cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}")
