@@ -152,7 +152,7 @@ def export(
         "epochs_completed": int(state.get("epoch", 0)),
         "epochs_configured": cfg.optim.epochs,
         "iterations": iteration,
-        "train_time_s": float(state.get("time_s", summary.get("train_time_s", 0.0)) or 0.0),
+        "train_time_s": _train_time(state, summary, iteration),
         "precision": state.get("precision", summary.get("precision")),
         "device": summary.get("device", cfg.device),
         "world_size": summary.get("world_size", 1),
@@ -171,6 +171,14 @@ def export(
     card = _card_body(train_info, cfg, dataset, notes)
     return dinokit.save(model, folder, name=name, metrics=metrics or None, card=card,
                         extra_config={"dinokit_train": train_info}, dataset=dataset)
+
+
+def _train_time(state: dict[str, Any], summary: dict[str, Any], iteration: int) -> float:
+    """Seconds of training behind the exported checkpoint: the run summary's figure when the summary
+    describes that checkpoint (it also counts the final save), else the checkpoint's own."""
+    if summary.get("iterations") == iteration and summary.get("train_time_s") is not None:
+        return float(summary["train_time_s"])
+    return float(state.get("time_s", 0.0) or 0.0)
 
 
 _SUMMARY_TYPES: dict[str, Any] = {"iterations": int, "train_time_s": (int, float), "world_size": int,
