@@ -82,7 +82,8 @@ class EmbedOptions:
     most 8); image_size: crop size (None = the model's); features: see :func:`compute_features`;
     strict: stop at the first unreadable image instead of skipping it; decode: "cpu" (Pillow in the
     DataLoader workers) or "device" (workers only read files; the embedding device decodes them,
-    JPEGs with nvJPEG on CUDA: for GPUs that CPU decoding cannot keep busy).
+    JPEGs with nvJPEG on CUDA: for GPUs that CPU decoding cannot keep busy); follow_links: walk into
+    links that lead outside a folder given as input (a link loop is visited once either way).
     """
 
     batch_size: int = 64
@@ -92,6 +93,7 @@ class EmbedOptions:
     features: str = "cls"
     strict: bool = False
     decode: str = "cpu"
+    follow_links: bool = False
 
     def __post_init__(self) -> None:
         if self.decode not in ("cpu", "device"):
@@ -283,7 +285,7 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
 # ------------------------------------------------------------------------------------ inputs
 
 
-def _dataset(images: ImagesLike, transform: Callable[[Image.Image], torch.Tensor]
+def _dataset(images: ImagesLike, transform: Callable[[Image.Image], torch.Tensor], follow_links: bool = False
              ) -> tuple[torch.utils.data.Dataset, Source, bool]:
     """(dataset, source, decodes_files) for any accepted ``images`` value; arrays get a Source of
     names "0", "1", ... and no locations."""
@@ -302,7 +304,7 @@ def _dataset(images: ImagesLike, transform: Callable[[Image.Image], torch.Tensor
         if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
             raise ValueError(f"image array shape {images.shape}: expected (N, H, W) or (N, H, W, 3)")
         return ArrayDataset(images, transform), _array_source(len(images)), False
-    source = open_source(images)
+    source = open_source(images, follow_links=follow_links)
     return SourceDataset(source, transform), source, True
 
 
@@ -409,7 +411,7 @@ def embed(
     opts = _options(options, overrides)
     model = _as_model(model)
     dev = _device(model, opts.device)
-    dataset, source, decodes = _dataset(images, eval_transform(model, opts.image_size))
+    dataset, source, decodes = _dataset(images, eval_transform(model, opts.image_size), opts.follow_links)
     total = len(source)
     pre = preprocessing_config(model, opts.image_size)
     inputs = _inputs(dataset, source, opts, dev, pre, _batches_of(0, total, opts.batch_size))
@@ -440,7 +442,9 @@ def embed(
 
 def _log_skipped(skipped: Sequence[Skipped], where: str) -> None:
     if skipped:
-        log.warning("%sskipped %d unreadable files (first: %s: %s)", where, len(skipped),
+        # INFO: the skipped files are part of the result (Embeddings.skipped, the manifest), which the
+        # caller reports; a warning here made the CLI name them twice
+        log.info("%sskipped %d unreadable files (first: %s: %s)", where, len(skipped),
                     skipped[0].path, skipped[0].reason)
     for s in skipped:
         log.debug("skipped %s: %s", s.path, s.reason)
@@ -497,7 +501,7 @@ def embed_to_folder(
         raise ValueError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
     model = _as_model(model)
     out = Path(out)
-    source = open_source(images)
+    source = open_source(images, follow_links=opts.follow_links)
     _same_on_all_ranks(source.digest(), f"{source.spec}: the ranks listed different inputs "
                                         "(files changing during the run?)")
     dev = _device(model, opts.device)

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from dinokit.cli._common import _fail, _print_json, _progress, app, console
+from dinokit.cli._common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    ModelOpt,
+    WorkersOpt,
+    _fail,
+    _print_json,
+    app,
+    console,
+    progress_bar,
+    report_skipped,
+)
 
 _SRC_HELP = ("Images: a folder (recursive), one image, a path list (.txt), a CSV/parquet table with a 'path' "
              "column, or WebDataset tars (x.tar, 'shards/*.tar', 'shards/{000..099}.tar').")
@@ -17,15 +30,13 @@ _OUT_HELP = ("Output: a .npz/.npy/.safetensors/.parquet file for small jobs, or 
 
 @app.command("embed")
 def embed_cmd(
-    images: str = typer.Argument(..., help=_SRC_HELP),
-    model: str = typer.Option(..., "--model", "-m",
-                              help="Model: registry name (dino_vits16), folder, file or HF repo id."),
-    out: Path = typer.Option(..., "--out", "-o", help=_OUT_HELP),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
-    workers: int | None = typer.Option(None, "--workers", help="Decoding processes per rank (default: cores - 1)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's, 224); "
-                                          "the resize keeps DINO's 256/224 ratio."),
+    images: Annotated[str, typer.Argument(help=_SRC_HELP)],
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help=_OUT_HELP)],
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = None,
+    workers: WorkersOpt = None,
+    image_size: ImageSizeOpt = None,
     features: str = typer.Option("cls", "--features", help="cls, cls+avgpool, last4 (any lastN), patch or registers."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
     decode: str = typer.Option("cpu", "--decode", help="cpu: Pillow in the workers; device: workers read files, "
@@ -34,7 +45,9 @@ def embed_cmd(
     fmt: str = typer.Option("parquet", "--format", help="Shard files (folder output): parquet or npy."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed job in --out: keep the shards whose "
                                 "checksums verify, redo the others."),
-    as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON on stdout."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Walk into links that lead outside the input "
+                                      "folder (default: skipped and reported; a link loop is visited once either way)."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Embed images with a DINO model and write the features.
 
@@ -52,44 +65,41 @@ def embed_cmd(
         _fail(f"{out}: under torchrun --out must be a folder (shards + manifest.json)")
     try:
         opts = EmbedOptions(batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
-                            features=features, strict=strict, decode=decode)
+                            features=features, strict=strict, decode=decode, follow_links=follow_links)
         net = load(model)
-        summary = _to_file(net, images, out, opts) if to_file else _to_folder(
-            net, images, out, opts, shard_size, fmt, resume)
+        summary = _to_file(net, images, out, opts, as_json) if to_file else _to_folder(
+            net, images, out, opts, shard_size, fmt, resume, as_json)
     except ImageError as exc:
         _fail(f"{exc} (--strict)")
-    except (FileNotFoundError, NotADirectoryError, ValueError, OSError, RuntimeError) as exc:
-        _fail(str(exc))
     finally:
         distributed.shutdown()
     if summary is not None and as_json:
         _print_json(summary)
 
 
-def _to_file(net: Any, images: str, out: Path, opts: Any) -> dict[str, Any]:
+def _to_file(net: Any, images: str, out: Path, opts: Any, quiet: bool) -> dict[str, Any]:
     from dinokit.embedding import embed
 
-    bar, update = _progress("embedding")
-    with bar:
+    with progress_bar("embedding") as update:
         result = embed(net, images, opts, progress=update)
     result.save(out)
     shape = "x".join(str(s) for s in result.features.shape[1:])
-    console.print(f"embedded {len(result)} images ({shape} {opts.features} features) -> {out}", highlight=False)
-    _report_skipped(result.skipped)
+    if not quiet:
+        console.print(f"embedded {len(result)} images ({shape} {opts.features} features) -> {out}", highlight=False)
+    report_skipped(result.skipped, "unreadable files")
     return {"out": str(out), "rows": len(result), "skipped": [list(s) for s in result.skipped]}
 
 
 def _to_folder(net: Any, images: str, out: Path, opts: Any, shard_size: int, fmt: str,
-               resume: bool) -> dict[str, Any] | None:
+               resume: bool, quiet: bool) -> dict[str, Any] | None:
     """Sharded output: every rank runs this; only rank 0 draws the bar and prints."""
     from dinokit import distributed
     from dinokit.embedding import embed_to_folder
 
     distributed.init_from_env()
     main = distributed.is_main_process()
-    bar, update = _progress("embedding")
     if main:
-        with bar:
+        with progress_bar("embedding") as update:
             manifest = embed_to_folder(net, images, out, opts, shard_size=shard_size, format=fmt, resume=resume,
                                        progress=update)
     else:
@@ -98,16 +108,10 @@ def _to_folder(net: Any, images: str, out: Path, opts: Any, shard_size: int, fmt
         return None
     shape = "x".join(str(s) for s in manifest["feature_shape"])
     skipped = [(s["path"], s["reason"]) for s in manifest["skipped"]]
-    console.print(f"embedded {manifest['rows']} images ({shape} {opts.features} features) into "
-                  f"{len(manifest['shards'])} shards with {manifest['world_size']} process(es) -> {out}",
-                  highlight=False)
-    _report_skipped(skipped)
+    if not quiet:
+        console.print(f"embedded {manifest['rows']} images ({shape} {opts.features} features) into "
+                      f"{len(manifest['shards'])} shards with {manifest['world_size']} process(es) -> {out}",
+                      highlight=False)
+    report_skipped(skipped, "unreadable files")
     return {"out": str(out), "rows": manifest["rows"], "shards": len(manifest["shards"]),
             "world_size": manifest["world_size"], "skipped": [list(s) for s in skipped]}
-
-
-def _report_skipped(skipped: list[tuple[str, str]]) -> None:
-    if skipped:
-        console.print(f"[yellow]skipped {len(skipped)} unreadable files:[/]")
-        for path, reason in skipped:
-            console.print(f"  {path}: {reason}", highlight=False, markup=False)

@@ -33,6 +33,8 @@ def serve_cmd(
     """Serve INDEX over HTTP: search by image, region, id or vector; add, get and delete items; a web page at /.
 
     Binds 127.0.0.1 unless --host says otherwise; a non-loopback host without a token is refused.
+
+    Example: dinokit serve photos.index --port 8000 --token s3cret   (then open http://127.0.0.1:8000/)
     """
     from dinokit.serve.auth import check_bind, read_token
 

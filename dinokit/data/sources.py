@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.data.images import ImageError, Skipped, decode_rgb, is_image_file, list_images, load_rgb
+from dinokit.data.images import ImageError, Skipped, decode_rgb, is_image_file, load_rgb, scan_images
 from dinokit.data.transforms import resize_arg
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ class ArrayDataset(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------ listing
 
 
-def open_source(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Source:
+def open_source(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                follow_links: bool = False) -> Source:
     """List the images ``spec`` names (see the module docstring); a sequence is a list of image paths.
 
     Raises FileNotFoundError / ValueError (one line naming the input) when nothing can be listed.
@@ -156,7 +157,7 @@ def open_source(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     text = str(spec)
     path = Path(text)
     if path.is_dir():
-        return _folder(path)
+        return _folder(path, follow_links)
     if _is_tar_pattern(text):
         return _tars(text)
     if not path.exists():
@@ -172,12 +173,22 @@ def open_source(spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
                      f"a table ({', '.join(TABLE_SUFFIXES)}) or WebDataset .tar shards")
 
 
-def _folder(root: Path) -> Source:
-    paths = list_images(root)
+def _folder(root: Path, follow_links: bool = False) -> Source:
+    """Every image under ``root``; the files the walk skipped go into ``Source.skipped`` (reported
+    once, by whoever reports the result), with names relative to ``root`` like the keys."""
+    paths, skipped = scan_images(root, follow_links=follow_links)
     if not paths:
         raise ValueError(f"{root}: no image files found (extensions: jpg, png, webp, ...)")
     keys = [p.relative_to(root).as_posix() for p in paths]
-    return Source("folder", str(root), keys, [str(p) for p in paths])
+    return Source("folder", str(root), keys, [str(p) for p in paths],
+                  skipped=[(_relative(path, root), reason) for path, reason in skipped])
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
 
 
 def _resolve(base: Path, entry: str) -> str:
