@@ -86,7 +86,7 @@ def _local_search(model: torch.nn.Module, image: Image.Image, index: Path, k: in
     idx = Index.load(index)
     emb = Embedder(model, image_size=42)
     vec = emb.forward(emb.preprocess(image)[None])
-    res = idx.search_vectors(vec, k) if hasattr(idx, "search_vectors") else idx.search(vec, k=k)
+    res = idx.search_vectors(vec, k)
     return [int(i) for i in res.ids[0]], res.scores[0]
 
 
