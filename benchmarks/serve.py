@@ -184,18 +184,13 @@ def clustered(n: int, dim: int, seed: int = 0, clusters: int = 2000) -> np.ndarr
 
 def write_index(folder: Path, x: np.ndarray, paths: list[str], model: object, source: Path, kind: str,
                 image_size: int | None) -> Path:
-    """An index folder of ``x`` recording ``model`` (the store API when present, else the folder format)."""
+    """An index store folder of ``x`` recording ``model``: one main index of ``kind`` ("auto": HNSW at
+    100k, IVF-PQ at 1M), as ``dinokit index build`` writes it."""
     from dinokit.models.backbone import identity
     from dinokit.retrieval.index import Index
 
-    if hasattr(Index, "create"):
-        info = {**identity(model), "source": str(source), "image_size": image_size}
-        index = Index.create(folder, dim=x.shape[1], kind=kind, model_info=info, feature="cls")
-        for s in range(0, len(x), 100_000):
-            index.add(features=x[s:s + 100_000], paths=paths[s:s + 100_000], metadata=[{}] * len(x[s:s + 100_000]))
-        return folder
-    Index.from_features(x, paths, kind, model_identity=identity(model), model_source=str(source),
-                        image_size=image_size).save(folder)
+    info = {**identity(model), "source": str(source), "image_size": image_size}
+    Index.from_features(x, paths, kind, model_info=info, image_size=image_size).save(folder)
     return folder
 
 

@@ -86,7 +86,7 @@ def _local_search(model: torch.nn.Module, image: Image.Image, index: Path, k: in
     idx = Index.load(index)
     emb = Embedder(model, image_size=42)
     vec = emb.forward(emb.preprocess(image)[None])
-    res = idx.search_vectors(vec, k) if hasattr(idx, "search_vectors") else idx.search(vec, k=k)
+    res = idx.search_vectors(vec, k)
     return [int(i) for i in res.ids[0]], res.scores[0]
 
 
@@ -473,3 +473,110 @@ def test_cors_is_off_unless_asked(server, base, model, tmp_path: Path) -> None:
     ok, other = asyncio.run(calls())
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in other.headers
+
+
+def _write_v1_copy(src: Path, images: Path, dst: Path, model: torch.nn.Module, n: int) -> None:
+    """The first ``n`` items of the store ``src`` as a folder of the old format (index.faiss + meta.json +
+    paths.json), recording ``model`` like an old ``dinokit index build`` did."""
+    import faiss
+
+    from dinokit.models.backbone import identity
+    from dinokit.retrieval.index import Index
+
+    store = Index.load(src)
+    x = np.stack([store.vector(i) for i in range(n)])
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    dst.mkdir()
+    faiss.write_index(flat, str(dst / "index.faiss"))
+    (dst / "paths.json").write_text(json.dumps([store.get(i)["path"] for i in range(n)]))
+    meta = {"format_version": 1, "kind": "flat", "knobs": {}, "count": n, "dim": x.shape[1], "feature_kind": "cls",
+            "image_size": 42, "root": str(images), "model": identity(model), "model_source": str(MODEL),
+            "metric": "inner_product"}
+    (dst / "meta.json").write_text(json.dumps(meta))
+
+
+def test_old_format_index_is_served_read_only(base, model, tmp_path: Path) -> None:
+    from dinokit.serve.app import ServeConfig, create_app
+
+    old = tmp_path / "old"
+    _write_v1_copy(base["index"], base["images"], old, model, 20)
+    app = create_app(ServeConfig(index=old, token=TOKEN), model=model)
+    auth_header = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def calls() -> dict[str, httpx.Response]:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return {
+                "info": await c.get("/info"),
+                "by_id": await c.post("/search", json={"id": 3, "k": 2}),
+                "image": await c.get("/items/3/image"),
+                "anon_add": await c.post("/items", files=[("files", ("a.png", _png(BAG)))]),
+                "add": await c.post("/items", files=[("files", ("a.png", _png(BAG)))], headers=auth_header),
+                "delete": await c.delete("/items/3", headers=auth_header),
+                "after": await c.get("/items/3"),
+            }
+
+    r = asyncio.run(calls())
+    assert r["info"].json()["count"] == 20
+    assert r["by_id"].json()["results"][0]["id"] == 3
+    assert r["image"].content == (base["images"] / _stored_path(base["index"], 3)).read_bytes()
+    assert r["anon_add"].status_code == 401  # the token is checked first
+    for name in ("add", "delete"):
+        assert r[name].status_code == 409, r[name].text
+        assert "dinokit index migrate" in r[name].json()["error"] and "\n" not in r[name].json()["error"]
+    assert r["after"].status_code == 200 and not (old / "files").exists()
+
+
+def _stored_path(folder: Path, item_id: int) -> str:
+    from dinokit.retrieval.index import Index
+
+    return str(Index.load(folder).get(item_id)["path"])
+
+
+@pytest.mark.slow
+def test_server_and_cli_writer_on_one_folder_lose_nothing(base, tmp_path: Path) -> None:
+    """`dinokit index add` in another process while the server takes uploads: every item of both is there."""
+    folder = copy_index(base["index"], tmp_path / "index")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for cls in ("Sandal", "Ankle boot"):
+        for p in sorted((IMAGES / "val" / cls).glob("*.png")):
+            shutil.copy(p, extra / f"{cls[:3]}-{p.name}")
+    n_extra = len(list(extra.iterdir()))
+    acked: dict[int, dict[str, int]] = {}
+    done = threading.Event()
+    with serve(folder, "--token", TOKEN, log_dir=tmp_path) as s:
+        start_count = httpx.get(s.url + "/info").json()["count"]
+
+        def writer(w: int) -> None:
+            with s.client(TOKEN) as c:
+                for i in range(30):  # bounded; stops once the other process is done
+                    if done.is_set() and i >= 3:
+                        return
+                    meta = {"writer": w, "n": i}
+                    r = c.post("/items", files=[("files", (f"w{w}-{i}.png", _png(BAG)))],
+                               data={"metadata": json.dumps([meta])})
+                    assert r.status_code == 200, r.text
+                    acked[r.json()["ids"][0]] = meta
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        cli = subprocess.run([sys.executable, "-m", "dinokit.cli", "index", "add", str(folder), str(extra),
+                              "--workers", "0"], capture_output=True, text=True, timeout=180, env=server_env())
+        done.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert f"added {n_extra} images (0 skipped)" in " ".join(cli.stderr.split())  # messages: stderr
+        with s.client() as c:
+            assert c.get("/info").json()["count"] == start_count + len(acked) + n_extra  # no restart needed
+            for item_id, meta in acked.items():
+                assert c.get(f"/items/{item_id}").json()["metadata"] == meta
+            for p in sorted(extra.iterdir())[::4]:  # the other process's items: found, served from its root
+                hit = c.post("/search", files={"file": (p.name, p.read_bytes())}, data={"k": "1"}).json()["results"][0]
+                assert hit["path"].endswith(p.name) and hit["score"] == pytest.approx(1.0, abs=1e-5)
+                assert hit["id"] not in acked
+                assert c.get(f"/items/{hit['id']}/image").content == p.read_bytes()
+    assert len(acked) >= 6

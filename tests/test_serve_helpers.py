@@ -35,40 +35,33 @@ def free_port() -> int:
 
 
 def build_index(folder: Path, images: Path, model: object) -> Path:
-    """Index every image under ``images`` with ``model`` into ``folder`` (the store API if present)."""
+    """Index every image under ``images`` with ``model`` into the store folder ``folder`` (flat, paths
+    relative to ``images``, which is the index's root; metadata ``{"label": class folder}``)."""
+    from dinokit.models.backbone import identity
     from dinokit.retrieval.index import Index
 
-    if hasattr(Index, "create"):  # the durable store: create, then add the embedded folder
-        emb = dinokit.embed(model, images, num_workers=0)
-        from dinokit.models.backbone import identity
-
-        info = {**identity(model), "source": str(MODEL), "image_size": 42}
-        index = Index.create(folder, dim=emb.features.shape[1], kind="flat", model_info=info, feature="cls")
-        index.add(features=emb.features.numpy(), paths=[str(images / p) for p in emb.paths],
-                  metadata=[{"label": Path(p).parent.name} for p in emb.paths])
-        return folder
-    Index.build(images, model=model, kind="flat", num_workers=0).save(folder)
+    emb = dinokit.embed(model, images, num_workers=0)
+    info = {**identity(model), "source": str(MODEL), "image_size": 42}
+    index = Index.create(folder, dim=emb.features.shape[1], kind="flat", model_info=info, feature="cls",
+                         root=images)
+    index.add(features=emb.features.numpy(), paths=[str(images / p) for p in emb.paths],
+              metadata=[{"label": Path(p).parent.name} for p in emb.paths])
     return folder
 
 
 def add_raw_entries(folder: Path, vectors: np.ndarray, paths: list[str]) -> list[int]:
-    """Put entries with arbitrary stored paths into an index folder (for traversal tests); their ids."""
+    """Put entries with arbitrary stored paths into an index folder (for traversal tests); their ids
+    (-1 where the store refuses the path, which is safe as well)."""
     from dinokit.retrieval.index import Index
 
-    if hasattr(Index, "search_vectors"):
-        index = Index.load(folder)
-        ids: list[int] = []
-        for v, p in zip(vectors, paths, strict=True):
-            try:  # a store that refuses an escaping path is also safe
-                ids.extend(index.add(features=v[None], paths=[p], metadata=[{}]).ids)
-            except ValueError:
-                ids.append(-1)
-        return ids
     index = Index.load(folder)
-    start = index.ntotal
-    index.add(features=vectors, paths=paths)
-    index.save(folder)
-    return list(range(start, start + len(paths)))
+    ids: list[int] = []
+    for v, p in zip(vectors, paths, strict=True):
+        try:
+            ids.extend(index.add(features=v[None], paths=[p], metadata=[{}]).ids)
+        except ValueError:
+            ids.append(-1)
+    return ids
 
 
 class Server:

@@ -153,3 +153,47 @@ def test_search_by_id_get_resolve_roots(tmp_path: Path) -> None:
     assert copy.count == 49 and copy.get(8) == again.get(8) and copy.folder == tmp_path / "copy"
     copy.add(features=x[:1] * -1, paths=["other.png"])
     assert copy.count == 50 and again.count == 49
+
+
+def test_threads_share_one_index_while_it_is_written(tmp_path: Path) -> None:
+    """A server's threads: filtered searches (more distinct filters than the filter cache keeps) on
+    one folder index while another thread adds items that no filter passes: every search is exact."""
+    import threading
+
+    x, meta = _data(600)
+    index = Index.create(tmp_path / "idx", dim=x.shape[1], kind="flat")
+    index.add(features=x, paths=[f"img/{i}.png" for i in range(600)], metadata=meta)
+    filters = [{"size": s, "color": c} for s in range(5) for c in COLORS] + [{"size": s} for s in range(5)]
+    filters += [{"color": c, "sale": b} for c in COLORS for b in (True, False)]
+    assert len(filters) > 32  # past the cache size: entries are evicted while other threads read
+    q = x[:3]
+    want = {}
+    for f in filters:
+        res = index.search_vectors(q, k=8, filter=f)
+        want[json.dumps(f)] = res.ids.tolist()
+    errors: list[BaseException] = []
+
+    def searcher(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(120):
+                f = filters[int(rng.integers(len(filters)))]
+                assert index.search_vectors(q, k=8, filter=f).ids.tolist() == want[json.dumps(f)], f
+        except BaseException as e:  # reported below: an assert in a thread would pass silently
+            errors.append(e)
+
+    def writer() -> None:
+        try:
+            for j in range(10):
+                y = _data(5, seed=100 + j)[0]
+                index.add(features=y, paths=[f"new/{j}/{i}" for i in range(5)], metadata=[{"color": "none"}] * 5)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+    assert index.count == 650

@@ -59,7 +59,10 @@ def _load_index(path: Path, read_only: bool = False) -> Any:
 def _parse_filter(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
-    flt = json.loads(text)
+    try:
+        flt = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--filter {text!r}: not JSON ({e.msg})") from e
     if not isinstance(flt, dict):
         _fail(f"--filter {text!r}: expected a JSON object of field: value")
     return flt

@@ -290,9 +290,10 @@ class Store:
             ids = np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
             if len(snap.deleted):
                 ids = ids[~np.isin(ids, snap.deleted, assume_unique=True)]
-            self._filters[key] = ids
-            while len(self._filters) > _FILTER_CACHE:
-                self._filters.pop(next(iter(self._filters)))
+            with self._db:  # threads of a server share this cache: evict under the lock
+                self._filters[key] = ids
+                while len(self._filters) > _FILTER_CACHE:
+                    self._filters.pop(next(iter(self._filters)), None)
         return ids
 
     def _insert_fields(self, rows: Sequence[tuple[int, dict[str, Any]]]) -> None:

@@ -31,7 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from dinokit.serve import auth
-from dinokit.serve.backend import Backend, open_backend
+from dinokit.serve.backend import Backend, ReadOnlyIndexError
 from dinokit.serve.batching import Batcher, Embedder, SearchBatcher
 from dinokit.serve.limits import (
     DEFAULT_MAX_PIXELS,
@@ -107,10 +107,9 @@ def create_app(config: ServeConfig, *, model: Any = None) -> FastAPI:
     """The app for ``config``; ``model`` (an nn.Module) skips loading the model from its source."""
     if config.max_upload_mb <= 0 or config.max_pixels <= 0:
         raise ValueError("--max-upload-mb and the pixel limit must be positive")
-    backend = open_backend(config.index)
+    backend = Backend(config.index)
     model = load_model_for(backend, model if model is not None else config.model)
-    embedder = Embedder(model, feature=backend.feature, image_size=backend.model_info.get("image_size"),
-                        device=config.device)
+    embedder = Embedder(model, feature=backend.feature, image_size=backend.image_size, device=config.device)
     state = _State(config, backend, embedder, Metrics(lambda: backend.count))
 
     @asynccontextmanager
@@ -186,6 +185,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(auth.AuthError)
     async def unauthorized(_: Request, e: auth.AuthError) -> JSONResponse:
         return _error(e.status, e, {"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(ReadOnlyIndexError)
+    async def read_only(_: Request, e: ReadOnlyIndexError) -> JSONResponse:
+        return _error(409, e)
 
     @app.exception_handler(KeyError)
     async def not_found(_: Request, e: KeyError) -> JSONResponse:
@@ -274,6 +277,7 @@ def _add_routes(app: FastAPI, state: _State) -> None:
 
     def writer(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         auth.check_write(request.headers.get("authorization"), state.config.token)
+        state.backend.check_writable()  # before any upload is read or stored
 
     @app.post("/search", openapi_extra=_SEARCH_BODY, summary="Search by image (multipart), vector or id (JSON)")
     async def search(request: Request) -> JSONResponse:
