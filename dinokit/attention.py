@@ -147,6 +147,11 @@ class AttentionMaps:
     threshold: float | None
     patch_size: int
 
+    def __repr__(self) -> str:
+        h, w = self.mean.shape
+        mask = "no masks" if self.threshold is None else f"masks at {self.threshold:g} of the mass"
+        return (f"AttentionMaps({self.heads.shape[0]} heads, {w}x{h} px, patch {self.patch_size}, {mask})")
+
 
 def threshold_masks(attn: torch.Tensor, threshold: float) -> torch.Tensor:
     """Official DINO masks: per row, keep the largest values that hold ``threshold`` of the mass.

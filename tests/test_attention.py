@@ -169,3 +169,14 @@ def test_fixed_size_vit_gets_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"cannot take \(40, 48\) inputs .*dynamic_img_size=True"):
         dinokit.last_selfattention(fixed, torch.randn(1, 3, 40, 48))
     assert not fixed.blocks[-1].attn._forward_pre_hooks  # the hook is gone after an error too
+
+
+def test_attention_maps_repr_is_short() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dinokit.attention import AttentionMaps
+
+    maps = AttentionMaps(Image.new("RGB", (64, 32)), np.zeros((6, 32, 64), np.float32), np.zeros((32, 64), np.float32),
+                         None, np.zeros((6, 4, 8), np.float32), 0.6, 8)
+    assert repr(maps) == "AttentionMaps(6 heads, 64x32 px, patch 8, masks at 0.6 of the mass)"
