@@ -129,7 +129,8 @@ def _load_file(path: Path, source: str, which: str, model_args: Mapping[str, Any
     config = None
     if path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
         config = _read_json(path.parent / CONFIG_NAME)
-    return _build(obj, config, str(path), which, model_args)
+    return _build(obj, config, str(path), which, model_args,
+                  config_source=str(path.parent / CONFIG_NAME) if config is not None else None)
 
 
 def _load_folder(folder: Path, source: str, which: str, model_args: Mapping[str, Any] | None) -> nn.Module:
@@ -138,7 +139,8 @@ def _load_folder(folder: Path, source: str, which: str, model_args: Mapping[str,
     if weights is None:
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME}, {LEGACY_WEIGHTS_NAME} or other checkpoint file")
     config = _read_json(cfg_file) if cfg_file.is_file() else None
-    return _build(read_checkpoint(weights), config, str(weights), which, model_args)
+    return _build(read_checkpoint(weights), config, str(weights), which, model_args,
+                  config_source=str(cfg_file) if config is not None else None)
 
 
 def _find_weights(folder: Path) -> Path | None:
@@ -278,8 +280,10 @@ _HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit", "dino
 
 
 def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
-           model_args: Mapping[str, Any] | None = None) -> nn.Module:
-    """Checkpoint object + optional config -> a strictly loaded backbone."""
+           model_args: Mapping[str, Any] | None = None, config_source: str | None = None) -> nn.Module:
+    """Checkpoint object + optional config -> a strictly loaded backbone.
+
+    ``config_source`` names the file the config came from (config.json), for errors it causes."""
     from dinokit.models.backbone import from_backbone_config
 
     sd, extras = unwrap_checkpoint(obj, source, which)  # HF ViT keys are converted here too
@@ -294,8 +298,8 @@ def _build(obj: Any, config: Mapping[str, Any] | None, source: str, which: str,
         # Build on the meta device: no time spent on a random init the weights replace anyway.
         with torch.device("meta"):
             model = from_backbone_config(cfg)
-    except Exception as e:
-        raise CheckpointError(f"{source}: cannot build {cfg.get('architecture')} "
+    except Exception as e:  # timm asserts on bad model_args: name the file that holds them
+        raise CheckpointError(f"{config_source or source}: cannot build {cfg.get('architecture')} "
                               f"with {short(cfg.get('model_args'))} ({type(e).__name__}: {one_line(str(e))})") from e
     sd = check_state_dict(model, sd, source)
     expected = model.state_dict()

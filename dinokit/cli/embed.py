@@ -67,8 +67,8 @@ def embed_cmd(
         opts = EmbedOptions(batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
                             features=features, strict=strict, decode=decode, follow_links=follow_links)
         net = load(model)
-        summary = _to_file(net, images, out, opts, as_json) if to_file else _to_folder(
-            net, images, out, opts, shard_size, fmt, resume, as_json)
+        summary = _to_file(net, images, out, opts) if to_file else _to_folder(
+            net, images, out, opts, shard_size, fmt, resume)
     except ImageError as exc:
         _fail(f"{exc} (--strict)")
     finally:
@@ -77,21 +77,20 @@ def embed_cmd(
         _print_json(summary)
 
 
-def _to_file(net: Any, images: str, out: Path, opts: Any, quiet: bool) -> dict[str, Any]:
+def _to_file(net: Any, images: str, out: Path, opts: Any) -> dict[str, Any]:
     from dinokit.embedding import embed
 
     with progress_bar("embedding") as update:
         result = embed(net, images, opts, progress=update)
     result.save(out)
     shape = "x".join(str(s) for s in result.features.shape[1:])
-    if not quiet:
-        console.print(f"embedded {len(result)} images ({shape} {opts.features} features) -> {out}", highlight=False)
+    console.print(f"embedded {len(result)} images ({shape} {opts.features} features) -> {out}", highlight=False)
     report_skipped(result.skipped, "unreadable files")
     return {"out": str(out), "rows": len(result), "skipped": [list(s) for s in result.skipped]}
 
 
 def _to_folder(net: Any, images: str, out: Path, opts: Any, shard_size: int, fmt: str,
-               resume: bool, quiet: bool) -> dict[str, Any] | None:
+               resume: bool) -> dict[str, Any] | None:
     """Sharded output: every rank runs this; only rank 0 draws the bar and prints."""
     from dinokit import distributed
     from dinokit.embedding import embed_to_folder
@@ -108,10 +107,9 @@ def _to_folder(net: Any, images: str, out: Path, opts: Any, shard_size: int, fmt
         return None
     shape = "x".join(str(s) for s in manifest["feature_shape"])
     skipped = [(s["path"], s["reason"]) for s in manifest["skipped"]]
-    if not quiet:
-        console.print(f"embedded {manifest['rows']} images ({shape} {opts.features} features) into "
-                      f"{len(manifest['shards'])} shards with {manifest['world_size']} process(es) -> {out}",
-                      highlight=False)
+    console.print(f"embedded {manifest['rows']} images ({shape} {opts.features} features) into "
+                  f"{len(manifest['shards'])} shards with {manifest['world_size']} process(es) -> {out}",
+                  highlight=False)
     report_skipped(skipped, "unreadable files")
     return {"out": str(out), "rows": manifest["rows"], "shards": len(manifest["shards"]),
             "world_size": manifest["world_size"], "skipped": [list(s) for s in skipped]}

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from dinokit._validate import one_line
 from dinokit.retrieval.kinds import faiss
 from dinokit.retrieval.metadata import field_rows, filter_query
 
@@ -118,7 +119,9 @@ class Store:
         self.folder = folder
         self.read_only = read_only
         self._conn = conn
-        self._db = threading.RLock()  # one connection shared by threads: one statement at a time
+        # one connection shared by threads: one statement at a time; a damaged database file is a
+        # one-line ValueError naming it, wherever the damage is first read
+        self._db = _GuardedLock(str(folder / DB_FILE) if folder is not None else ":memory:")
         self._writer = threading.Lock()  # threads of this process write in turn (flock is per fd)
         self._mem: dict[str, Any] = {}  # memory store: file name -> array / faiss index
         self._snap: Snapshot | None = None
@@ -162,7 +165,7 @@ class Store:
             store = cls(folder, conn, read_only=read_only)
             version = store.meta().get("format_version") if not create else FORMAT_VERSION
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{db}: not a readable index database ({e})") from e
+            raise ValueError(f"{db}: not a readable index database ({one_line(str(e))})") from e
         if not isinstance(version, int) or version > FORMAT_VERSION:
             conn.close()
             raise ValueError(f"{db}: index format version {version!r} is not supported "
@@ -185,12 +188,32 @@ class Store:
 
     def meta(self) -> dict[str, Any]:
         with self._db:
-            return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+            return self._decode_meta(self._conn.execute("SELECT key, value FROM meta"))
+
+    def _decode_meta(self, rows: Any) -> dict[str, Any]:
+        """The meta table as a dict; a damaged value is a ValueError naming the database and the key."""
+        out: dict[str, Any] = {}
+        for key, value in rows:
+            try:
+                out[str(key)] = json.loads(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{self._where(DB_FILE)}: meta {key!r}: damaged value ({one_line(str(e))})") from e
+        for key in ("dim", "generation", "count", "next_id"):
+            if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 0):
+                raise ValueError(f"{self._where(DB_FILE)}: meta {key!r}: expected a non-negative integer, "
+                                 f"got {one_line(repr(out[key]), 60)}")
+        return out
+
+    def _json(self, value: Any, what: str) -> Any:
+        try:
+            return json.loads(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self._where(DB_FILE)}: {what}: damaged value ({one_line(str(e))})") from e
 
     def generation(self) -> int:
         with self._db:
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(json.loads(row[0])) if row else 0
+        return int(self._json(row[0], "meta 'generation'")) if row else 0
 
     def snapshot(self, *, refresh: bool = True) -> Snapshot:
         """The latest committed state (re-read only when another commit happened since)."""
@@ -214,7 +237,7 @@ class Store:
         with self._db:
             self._conn.execute("BEGIN")  # one WAL snapshot for every read below
             try:
-                meta = {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+                meta = self._decode_meta(self._conn.execute("SELECT key, value FROM meta"))
                 rows = self._conn.execute("SELECT name, role, n, first_id, kind FROM segments").fetchall()
                 deleted = np.array([r[0] for r in self._conn.execute(
                     "SELECT id FROM items WHERE deleted = 1 ORDER BY id")], dtype=np.int64)
@@ -234,10 +257,16 @@ class Store:
         if cached is not None:
             return cached
         vectors = self._read_array(name + ".npy")
+        dim = int(meta["dim"])
+        if vectors.ndim != 2 or vectors.shape != (n, dim) or vectors.dtype != np.float32:
+            raise ValueError(f"{self._where(name + '.npy')}: damaged vector segment (shape {vectors.shape} "
+                             f"{vectors.dtype}, expected ({n}, {dim}) float32)")
         if role == "small":
             first = int(first_id or 0)
             return Segment(name, role, "flat", np.arange(first, first + n, dtype=np.int64), vectors)
         ids = np.asarray(self._read_array(name + ".ids.npy"), dtype=np.int64)
+        if ids.shape != (n,):
+            raise ValueError(f"{self._where(name + '.ids.npy')}: damaged id list (shape {ids.shape}, expected ({n},))")
         if kind == "flat":
             index = faiss.IndexFlatIP(int(meta["dim"]))
             if n:
@@ -258,7 +287,7 @@ class Store:
                 chunk = uniq[s:s + 900]
                 q = f"SELECT id, path, metadata, deleted FROM items WHERE id IN ({','.join('?' * len(chunk))})"
                 for i, p, m, d in self._conn.execute(q, chunk):
-                    out[int(i)] = (p, json.loads(m), bool(d))
+                    out[int(i)] = (p, self._json(m, f"item {int(i)} metadata"), bool(d))
         return out
 
     def live_ids_of(self, paths: Sequence[str]) -> dict[str, int]:
@@ -302,10 +331,19 @@ class Store:
 
     # ------------------------------------------------------------------ files
 
+    def _where(self, name: str) -> str:
+        return str(self.folder / name) if self.folder is not None else name
+
     def _read_array(self, name: str) -> np.ndarray:
         if self.folder is None:
             return self._mem[name]
-        return np.load(self.folder / name, mmap_mode="r", allow_pickle=False)
+        path = self.folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # numpy parses the header with ast: ValueError, SyntaxError, TokenError, ...
+            raise ValueError(f"{path}: damaged vector file ({type(e).__name__}: {one_line(str(e))})") from e
 
     def _read_faiss(self, name: str) -> Any:
         if self.folder is None:
@@ -313,7 +351,10 @@ class Store:
         path = self.folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing")
-        return faiss.read_index(str(path))
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError as e:  # faiss reports a damaged file as a multi-line RuntimeError
+            raise ValueError(f"{path}: damaged FAISS index ({one_line(str(e))})") from e
 
     def _write_array(self, name: str, array: np.ndarray) -> int:
         """Write ``array`` as ``name`` durably (temp file, fsync, rename); returns bytes written."""
@@ -435,7 +476,7 @@ class Store:
     def _count(self) -> int:
         """The live count kept in meta (the live count is kept there by every write)."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()
-        return int(json.loads(row[0]))
+        return int(self._json(row[0], "meta 'count'"))
 
     def _set_meta(self, values: dict[str, Any]) -> None:
         self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -620,3 +661,21 @@ class Store:
 def _segment_order(row: tuple[Any, ...]) -> tuple[int, int]:
     # the main segment first, then small segments by their first id (creation order)
     return (0, 0) if row[1] == "main" else (1, int(row[3]))
+
+
+class _GuardedLock:
+    """An RLock whose ``with`` block turns SQLite's "damaged file" errors into a ValueError naming the
+    database. Only the plain ``sqlite3.DatabaseError`` (malformed image, not a database) is turned:
+    its subclasses (OperationalError: locked, disk I/O, ...) keep their meaning."""
+
+    def __init__(self, where: str) -> None:
+        self._lock = threading.RLock()
+        self._where = where
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._lock.release()
+        if kind is sqlite3.DatabaseError:
+            raise ValueError(f"{self._where}: damaged index database ({one_line(str(exc))})") from exc
