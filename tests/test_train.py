@@ -258,13 +258,13 @@ def test_auto_precision_probes_only_on_native_bf16_cpus_and_stops_early(
     views = precision.probe_views(cfg, cpu)
     assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
     calls: list[tuple[str, float | None]] = []
-    seconds = {"fp32": 1.0, "bf16": 0.0}
+    seconds: dict[str, list[float]] = {}
 
     def fake_time(s: Any, t: Any, crops: list[torch.Tensor], dev: Any, prec: str, fused: Any = None,
                   deadline_s: float | None = None) -> float:
-        calls.append((prec, deadline_s))
+        calls.append((prec, None if deadline_s is None else round(deadline_s, 3)))
         assert len(crops[0]) == precision.PROBE_IMAGES
-        return seconds[prec]
+        return seconds[prec].pop(0)
 
     monkeypatch.setattr(precision, "step_time", fake_time)
     caplog.set_level("INFO", logger="dinokit.training.precision")
@@ -272,13 +272,21 @@ def test_auto_precision_probes_only_on_native_bf16_cpus_and_stops_early(
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.choose_precision(cfg, cpu, student, teacher, views) == "fp32"
     assert calls == [] and "no native bf16" in caplog.text
-    # native bf16: one fp32 step, then one bf16 step cut off once it is not 5% faster
+    # native bf16: an fp32 step, then a bf16 step cut off once clearly slower (1/0.75 of fp32's);
+    # a second round (each side cut at 1/0.75 of the other's best) only when the first is close
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    for seconds["bf16"], want in ((0.5, "bf16"), (0.96, "fp32"), (float("inf"), "fp32")):
+    cases = [({"fp32": [1.0], "bf16": [0.5]}, "bf16", [("fp32", None), ("bf16", 1.333)]),
+             ({"fp32": [1.0], "bf16": [float("inf")]}, "fp32", [("fp32", None), ("bf16", 1.333)]),
+             ({"fp32": [1.0, 0.9], "bf16": [0.85, 0.86]}, "bf16",  # min 0.85 < 0.95 x min 0.9
+              [("fp32", None), ("bf16", 1.333), ("fp32", 1.133), ("bf16", 1.2)]),
+             ({"fp32": [1.0, 1.0], "bf16": [0.97, 0.96]}, "fp32",
+              [("fp32", None), ("bf16", 1.333), ("fp32", 1.293), ("bf16", 1.333)])]
+    for times, want, want_calls in cases:
         calls.clear()
+        seconds.update({k: list(v) for k, v in times.items()})
         assert precision.choose_precision(cfg, cpu, student, teacher, views + views) == want
-        assert calls == [("fp32", None), ("bf16", 0.95)]
-    assert "fp32 1.000 s, bf16 stopped after 0.950 s per probe step -> fp32" in caplog.text
+        assert calls == want_calls
+    assert "fp32 1.000 s, bf16 stopped (clearly slower) per probe step -> fp32" in caplog.text
 
 
 def test_probe_step_leaves_the_networks_alone_and_honours_its_deadline() -> None:

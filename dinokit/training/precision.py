@@ -2,15 +2,16 @@
 
 "auto": bf16 on CUDA (fp16 where bf16 is missing); on a CPU without native bf16 (AVX2-only: oneDNN
 emulates bf16 up to ~50x slower) fp32 at once, with no measurement; on a CPU with AVX512-BF16 or AMX,
-one small timed step per precision on ``PROBE_IMAGES`` images per view (the training shapes), the
-bf16 one cut off as soon as it is no longer faster. The choice is logged on
-``dinokit.training.precision`` (the CLI shows it).
+one small timed step per precision on ``PROBE_IMAGES`` images per view (the training shapes), each
+cut off as soon as it is clearly slower than the other (a second round only when the first is close).
+The choice is logged on ``dinokit.training.precision`` (the CLI shows it).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -25,7 +26,9 @@ from dinokit.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 PROBE_IMAGES = 8  # images per view in the probe step: enough to time the kernels, cheap to run
-BF16_MARGIN = 0.95  # bf16 must be at least 5% faster per step to be chosen
+PROBE_ROUNDS = 2  # rounds of (fp32 step, bf16 step); the second only when the first was not clear
+CLEARLY = 0.75  # a step time below 0.75x the other's is clearly faster: the probe stops there
+BF16_MARGIN = 0.95  # after all rounds bf16 must still be at least 5% faster to be chosen
 
 
 class _TooSlow(Exception):
@@ -99,17 +102,38 @@ def choose_precision(cfg: TrainConfig, device: torch.device, student: nn.Module,
 
 def _probe_cpu(cfg: TrainConfig, device: torch.device, student: nn.Module, teacher: nn.Module,
                crops: list[torch.Tensor]) -> str:
-    """One fp32 step, then one bf16 step stopped as soon as it is no longer clearly faster."""
-    log.info("precision auto: timing one fp32 and one bf16 step on %d images (native bf16 CPU)", len(crops[0]))
+    """Timed fp32 and bf16 steps, each cut off once clearly slower than the other's best; min per side.
+
+    A round is one fp32 and one bf16 step; a second round runs only when the first was not clear
+    (a step of a shared CPU can be slowed by other jobs, and only ever slowed: hence the minimum).
+    """
+    log.info("precision auto: timing fp32 and bf16 steps on %d images (native bf16 CPU)", len(crops[0]))
     t0 = time.perf_counter()
-    t32 = step_time(student, teacher, crops, device, "fp32", use_fused_attention(cfg, device, "fp32"))
-    t16 = step_time(student, teacher, crops, device, "bf16", use_fused_attention(cfg, device, "bf16"),
-                    deadline_s=BF16_MARGIN * t32)
-    choice = "bf16" if t16 < BF16_MARGIN * t32 else "fp32"
-    bf16 = f"{t16:.3f} s" if t16 != float("inf") else f"stopped after {BF16_MARGIN * t32:.3f} s"
-    log.info("precision auto: fp32 %.3f s, bf16 %s per probe step -> %s (probe %.1f s, counted in max_minutes)",
-             t32, bf16, choice, time.perf_counter() - t0)
+    best = {"fp32": math.inf, "bf16": math.inf}
+    fused = {p: use_fused_attention(cfg, device, p) for p in best}
+    choice = None
+    for _ in range(PROBE_ROUNDS):
+        for prec, other in (("fp32", "bf16"), ("bf16", "fp32")):
+            limit = best[other] / CLEARLY if math.isfinite(best[other]) else None
+            best[prec] = min(best[prec], step_time(student, teacher, crops, device, prec, fused[prec], limit))
+        choice = _clear_winner(best["fp32"], best["bf16"])
+        if choice is not None:
+            break
+    if choice is None:
+        choice = "bf16" if best["bf16"] < BF16_MARGIN * best["fp32"] else "fp32"
+    shown = {p: f"{v:.3f} s" if math.isfinite(v) else "stopped (clearly slower)" for p, v in best.items()}
+    log.info("precision auto: fp32 %s, bf16 %s per probe step -> %s (probe %.1f s, counted in max_minutes)",
+             shown["fp32"], shown["bf16"], choice, time.perf_counter() - t0)
     return choice
+
+
+def _clear_winner(t32: float, t16: float) -> str | None:
+    """The precision whose step time is below ``CLEARLY`` times the other's; None when it is close."""
+    if t16 <= CLEARLY * t32:
+        return "bf16"
+    if t32 <= CLEARLY * t16:
+        return "fp32"
+    return None
 
 
 def step_time(student: nn.Module, teacher: nn.Module, crops: list[torch.Tensor], device: torch.device,
