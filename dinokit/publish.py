@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dinokit._validate import expect, expect_mapping, read_json
+from dinokit.training.models import eval_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def export(
 
     model = dinokit.load(str(ckpt), which=which)
     base: dict[str, Any] = dict(getattr(model, "pretrained_cfg", {}))
-    model.pretrained_cfg = {**base, **_training_preprocessing(cfg), **dict(pretrained_cfg or {})}  # type: ignore[assignment]
+    model.pretrained_cfg = {**base, **eval_preprocessing(cfg), **dict(pretrained_cfg or {})}  # type: ignore[assignment]
 
     train_info = {
         "which": which,
@@ -206,18 +207,6 @@ def _knn_record(path: Path, iteration: int) -> dict[str, Any] | None:
         return None
     records = [r for r in read_log(path) if "top1" in r and int(r.get("iteration", 0)) <= iteration]
     return records[-1] if records else None
-
-
-def _training_preprocessing(cfg: Any) -> dict[str, Any]:
-    """Eval preprocessing that matches training: the recipe's mean/std and global crop size."""
-    from dinokit.data.fashion_mnist import is_fashion_mnist_spec
-
-    size = int(cfg.data.global_crops_size)
-    pcfg: dict[str, Any] = {"input_size": (3, size, size), "mean": tuple(cfg.data.mean), "std": tuple(cfg.data.std)}
-    if is_fashion_mnist_spec(cfg.data.source):
-        # 28x28 images centred on the object: resize to the crop size, no centre crop (as the k-NN monitor)
-        pcfg.update(crop_pct=1.0, interpolation="bilinear")
-    return pcfg
 
 
 def _dataset_name(source: str) -> str:

@@ -65,11 +65,16 @@ def test_folders_skip_broken_images_and_align_classes(tmp_path: Path, fmnist_sma
     assert eval_preprocessing(_cfg())["crop_pct"] == 1.0
 
 
-def test_preprocessing_matches_what_export_records() -> None:
-    from dinokit.publish import _training_preprocessing
+def test_eval_preprocessing_follows_the_recipe() -> None:
+    # one function serves the monitor and export (publish.py records it in the exported model)
+    from dinokit import publish
 
-    for cfg in (_cfg(), _cfg(**{"data.source": "/data/images", "data.global_crops_size": 96})):
-        assert eval_preprocessing(cfg) == _training_preprocessing(cfg)
+    assert publish.eval_preprocessing is eval_preprocessing
+    fm = eval_preprocessing(_cfg(**{"data.global_crops_size": 40, "data.mean": [0.5] * 3, "data.std": [0.25] * 3}))
+    assert fm == {"input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                  "crop_pct": 1.0, "interpolation": "bilinear"}  # 28 px objects: resize, no centre crop
+    folder = eval_preprocessing(_cfg(**{"data.source": "/data/images", "data.global_crops_size": 96}))
+    assert folder["input_size"] == (3, 96, 96) and "crop_pct" not in folder  # DINO's 256/224 crop
 
 
 def test_from_config_needs_both_sources() -> None:
