@@ -101,7 +101,8 @@ def _rope_table(rope: nn.Module, h: int | torch.SymInt, w: int | torch.SymInt) -
     patch centres (i + 0.5) / n mapped to [-1, 1] per axis, angles 2 pi coord / period."""
     ch, cw = _centres(h), _centres(w)
     coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).reshape(-1, 2)
-    angles = (2 * torch.pi * coords[:, :, None] / tensor_attr(rope, "periods").float()[None, None, :]).flatten(1)
+    periods = tensor_attr(rope, "periods").float()
+    angles = (2 * torch.pi * coords[:, :, None] / periods[None, None, :]).flatten(1)
     sin, cos = angles.sin(), angles.cos()
     if getattr(rope, "rotate_half", True):
         sin, cos = torch.cat([sin, sin], -1), torch.cat([cos, cos], -1)

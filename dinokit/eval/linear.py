@@ -387,8 +387,8 @@ def _train_official(model: nn.Module, data: Any, head: LinearHead, *, epochs: in
 
 def linear_probe(
     model: nn.Module | str,
-    train: Any,
-    val: Any,
+    train: LabeledData | str | os.PathLike[str],
+    val: LabeledData | str | os.PathLike[str],
     *,
     fast: bool = False,
     features: str | None = None,

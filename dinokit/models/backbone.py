@@ -69,8 +69,8 @@ def backbone_config(model: nn.Module) -> dict[str, Any]:
     model_args = get_model_args(model, {})
     model_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_args.items()}
     cfg = dict(pretrained_cfg(model))
-    model_cfg: dict[str, Any] = {k: cfg[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
-                 if k in cfg}
+    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+    model_cfg: dict[str, Any] = {k: cfg[k] for k in keep if k in cfg}
     model_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_cfg.items()}
     model_cfg["num_classes"] = 0
     from dinokit.models.dinov2 import pos_embed_resize_of
