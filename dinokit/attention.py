@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from dinokit._io import atomic_path
+from dinokit._modattr import blocks, int_attr, method, submodule, tensor_attr
 from dinokit._types import Progress
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,14 @@ def _model_name(model: nn.Module) -> str:
 def _vit(model: nn.Module) -> nn.Module:
     """The ViT inside ``model`` (the model itself, or a ``.backbone`` attribute holding one)."""
     for m in (model, getattr(model, "backbone", None)):
-        if isinstance(m, nn.Module) and isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList)) \
-                and len(m.blocks) and hasattr(m.blocks[-1], "attn"):
+        if isinstance(m, nn.Module) and (found := blocks(m)) and hasattr(found[-1], "attn"):
             return m
     raise NoAttentionError(f"{_model_name(model)}: model has no transformer blocks with self-attention "
                            "(attention maps need a ViT; convolutional models such as ResNets have none)")
 
 
 def _last_attention_module(model: nn.Module) -> nn.Module:
-    attn = _vit(model).blocks[-1].attn
+    attn = submodule(blocks(_vit(model))[-1], "attn")
     if not (hasattr(attn, "qkv") and hasattr(attn, "num_heads")):
         raise NoAttentionError(f"{_model_name(model)}: the last block's attention ({type(attn).__name__}) has no "
                                "fused qkv projection; only timm ViT-style attention is supported")
@@ -68,18 +68,19 @@ def attention_from_input(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | 
     tokens with ``rope`` (the prefix tokens, CLS and storage, are not rotated), as its forward does.
     """
     B, N, _ = x.shape
-    heads = int(attn.num_heads)
-    head_dim = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads)))
+    heads = int_attr(attn, "num_heads")
+    proj = submodule(attn, "qkv")
+    head_dim = int(getattr(attn, "head_dim", int_attr(proj, "out_features") // (3 * heads)))
     if getattr(attn, "q_bias", None) is not None:
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = torch.nn.functional.linear(x, attn.qkv.weight, bias)
+        bias = torch.cat([tensor_attr(attn, n) for n in ("q_bias", "k_bias", "v_bias")])
+        qkv = torch.nn.functional.linear(x, tensor_attr(proj, "weight"), bias)
     else:
-        qkv = attn.qkv(x)
+        qkv = proj(x)
     qkv = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k = qkv[0], qkv[1]
     # qk-norm models normalize q and k before the product, exactly as the module's forward does
-    q = attn.q_norm(q) if hasattr(attn, "q_norm") else q
-    k = attn.k_norm(k) if hasattr(attn, "k_norm") else k
+    q = submodule(attn, "q_norm")(q) if hasattr(attn, "q_norm") else q
+    k = submodule(attn, "k_norm")(k) if hasattr(attn, "k_norm") else k
     if rope is not None:
         from timm.layers import apply_rot_embed_cat
 
@@ -112,7 +113,7 @@ def last_selfattention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     handle = attn.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        vit.forward_features(x) if hasattr(vit, "forward_features") else vit(x)
+        method(vit, "forward_features")(x) if hasattr(vit, "forward_features") else vit(x)
     except _StopForward:
         pass
     except AssertionError as e:  # timm's strict image size check
@@ -258,7 +259,7 @@ def overlay(image: Image.Image, values: np.ndarray, alpha: float = 0.6, cmap: st
     hm = heatmap(values, cmap)
     base = image.convert("RGB")
     if hm.size != base.size:
-        hm = hm.resize(base.size, Image.NEAREST)
+        hm = hm.resize(base.size, Image.Resampling.NEAREST)
     return Image.blend(base, hm, alpha)
 
 
@@ -317,7 +318,7 @@ def frames_gif(model: nn.Module, frames: str | os.PathLike[str] | Sequence[str |
         values = maps.mean if head is None else maps.heads[head]
         pic = overlay(maps.image, values, alpha=alpha)
         if pictures and pic.size != pictures[0].size:
-            pic = pic.resize(pictures[0].size, Image.BILINEAR)  # a GIF has one canvas size
+            pic = pic.resize(pictures[0].size, Image.Resampling.BILINEAR)  # a GIF has one canvas size
         pictures.append(pic)
         if progress is not None:
             progress(i + 1, len(paths))

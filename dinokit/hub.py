@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from dinokit._io import atomic_folder, recover_folder
+from dinokit._modattr import pretrained_cfg as cfg_of
+from dinokit._modattr import set_attr
 from dinokit._validate import check_model_config, one_line, read_json, short, type_name
 from dinokit.models.convert import (
     CheckpointError,
@@ -87,8 +89,8 @@ def load(
             raise FileNotFoundError(f"{src}: not a registry model ({', '.join(model_names())}), an existing "
                                     "file or folder, or an HF Hub repo id (org/name)")
     if pretrained_cfg:
-        model.pretrained_cfg = {**model.pretrained_cfg, **_tupled(dict(pretrained_cfg))}
-    model.dinokit_name = src
+        set_attr(model, "pretrained_cfg", {**cfg_of(model), **_tupled(dict(pretrained_cfg))})
+    set_attr(model, "dinokit_name", src)
     return model.eval()
 
 
@@ -170,11 +172,12 @@ def _load_hf(repo: str, source: str, which: str, model_args: Mapping[str, Any] |
         log.info("the HF Hub cannot be reached (%s); using the local HF cache (set HF_HUB_OFFLINE=1 "
                     "to skip this check)", why)
         offline = True
-    kwargs = {"revision": revision or None, "cache_dir": _hf_cache_dir(), "local_files_only": offline}
+    cache_dir = _hf_cache_dir()
 
     def fetch(name: str) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, name, **kwargs))
+            return Path(hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache_dir,
+                                        local_files_only=offline))
         except EntryNotFoundError:  # includes "not in the local cache" when offline
             return None
         except Exception as e:  # network, auth, unknown repo: one line naming the repo

@@ -15,12 +15,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from dinokit._io import atomic_path
+from dinokit._modattr import tensor_attr
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +90,19 @@ def _rope_is_dinov3(rope: nn.Module) -> bool:
             and not getattr(rope, "grid_offset", 0.0) and getattr(rope, "grid_indexing", "ij") == "ij")
 
 
+def _centres(n: int | torch.SymInt) -> torch.Tensor:
+    """Patch centres (i + 0.5) / n mapped to [-1, 1], (n,)."""
+    # torch's stubs type Tensor / SymInt as Tensor | SymFloat; it is a tensor
+    return cast(torch.Tensor, (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1)
+
+
 def _rope_table(rope: nn.Module, h: int | torch.SymInt, w: int | torch.SymInt) -> torch.Tensor:
     """DINOv3 RoPE table (h*w, 2 * head_dim) = [sin, cos] in timm's layout, from tensor ops only:
     patch centres (i + 0.5) / n mapped to [-1, 1] per axis, angles 2 pi coord / period."""
-    ch = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
-    cw = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    ch, cw = _centres(h), _centres(w)
     coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).reshape(-1, 2)
-    angles = (2 * torch.pi * coords[:, :, None] / rope.periods.float()[None, None, :]).flatten(1)
+    periods = tensor_attr(rope, "periods").float()
+    angles = (2 * torch.pi * coords[:, :, None] / periods[None, None, :]).flatten(1)
     sin, cos = angles.sin(), angles.cos()
     if getattr(rope, "rotate_half", True):
         sin, cos = torch.cat([sin, sin], -1), torch.cat([cos, cos], -1)
@@ -160,7 +168,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, features: str
     return OnnxExport(out, features, dynamic, sizes, max(diffs))
 
 
-def _write(wrapped: nn.Module, out: Path, hw: tuple[int, int], patch: int, opset: int, dynamic: bool) -> None:
+def _write(wrapped: _Features, out: Path, hw: tuple[int, int], patch: int, opset: int, dynamic: bool) -> None:
     """torch.onnx.export (the torch.export-based exporter) of ``wrapped`` at ``hw``, atomically."""
     x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -174,7 +182,7 @@ def _write(wrapped: nn.Module, out: Path, hw: tuple[int, int], patch: int, opset
                           verbose=False)
 
 
-def _compare(wrapped: nn.Module, out: Path, hw: tuple[int, int], seed: int) -> float:
+def _compare(wrapped: _Features, out: Path, hw: tuple[int, int], seed: int) -> float:
     """Largest |onnxruntime - torch| on a random batch of 2 images of size ``hw``."""
     x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

@@ -45,7 +45,7 @@ class PCAPicture:
     def rgb_image(self) -> Image.Image:
         """The PCA colours upsampled to the image size (nearest: one colour per patch)."""
         pic = Image.fromarray((self.rgb * 255).round().astype(np.uint8), mode="RGB")
-        return pic.resize(self.image.size, Image.NEAREST)
+        return pic.resize(self.image.size, Image.Resampling.NEAREST)
 
 
 def _components(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -340,7 +340,8 @@ def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLik
 class Skipped(NamedTuple):
     """A dataset item that could not be loaded: its index, path and the reason."""
 
-    index: int
+    # the public field name shadows tuple.index(); mypy flags any NamedTuple field named so
+    index: int  # type: ignore[assignment]
     path: str
     reason: str
 

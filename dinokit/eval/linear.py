@@ -33,6 +33,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from dinokit._io import atomic_path
+from dinokit._modattr import int_attr
 from dinokit._types import Progress
 from dinokit.data.images import ImageDataset, collate_skipping
 from dinokit.data.labeled import LabeledData, align_classes, resolve_labeled
@@ -162,7 +163,7 @@ def default_features(model: nn.Module) -> str:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "num_prefix_tokens"):
         return "cls"
-    if int(model.num_features) >= 768:
+    if int_attr(model, "num_features") >= 768:
         return "cls+avgpool"
     return f"last{min(4, len(blocks))}"
 
@@ -386,8 +387,8 @@ def _train_official(model: nn.Module, data: Any, head: LinearHead, *, epochs: in
 
 def linear_probe(
     model: nn.Module | str,
-    train: Any,
-    val: Any,
+    train: LabeledData | str | os.PathLike[str],
+    val: LabeledData | str | os.PathLike[str],
     *,
     fast: bool = False,
     features: str | None = None,

@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+from dinokit._modattr import int_attr, pretrained_cfg
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -66,22 +68,22 @@ def backbone_config(model: nn.Module) -> dict[str, Any]:
 
     model_args = get_model_args(model, {})
     model_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_args.items()}
-    cfg = dict(model.pretrained_cfg)
-    pretrained_cfg = {k: cfg[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
-                      if k in cfg}
-    pretrained_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pretrained_cfg.items()}
-    pretrained_cfg["num_classes"] = 0
+    cfg = dict(pretrained_cfg(model))
+    keep = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+    model_cfg: dict[str, Any] = {k: cfg[k] for k in keep if k in cfg}
+    model_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_cfg.items()}
+    model_cfg["num_classes"] = 0
     from dinokit.models.dinov2 import pos_embed_resize_of
 
     extra = {"dinokit": {"pos_embed_resize": mode}} if (mode := pos_embed_resize_of(model)) else {}
     return {
         **extra,
-        "architecture": model.pretrained_cfg.get("architecture") or type(model).__name__,
+        "architecture": cfg.get("architecture") or type(model).__name__,
         "num_classes": 0,
-        "num_features": int(model.num_features),
+        "num_features": int_attr(model, "num_features"),
         "global_pool": model_args.get("global_pool", ""),
         "model_args": model_args,
-        "pretrained_cfg": pretrained_cfg,
+        "pretrained_cfg": model_cfg,
     }
 
 
@@ -107,7 +109,7 @@ def fingerprint(model: nn.Module) -> str:
 
 def identity(model: nn.Module) -> dict[str, Any]:
     """What a model is, for caches, indexes and model cards: name, arch, fingerprint, preprocessing."""
-    cfg = model.pretrained_cfg
+    cfg = pretrained_cfg(model)
     return {
         "name": getattr(model, "dinokit_name", None) or cfg.get("architecture"),
         "arch": cfg.get("architecture"),

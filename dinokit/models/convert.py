@@ -45,7 +45,7 @@ _DINOV2_ARCHS = {
     (1536, 40, 14, True): "vit_giant_patch14_dinov2",
 }
 # (block kind, blocks per stage, stage-1 width) -> timm ResNet arch (same keys as torchvision).
-_RESNET_ARCHS = {
+_RESNET_ARCHS: dict[tuple[str, tuple[int, ...], int], str] = {
     ("basic", (2, 2, 2, 2), 64): "resnet18",
     ("basic", (3, 4, 6, 3), 64): "resnet34",
     ("bottleneck", (3, 4, 6, 3), 64): "resnet50",

@@ -19,7 +19,7 @@ import torch
 from dinokit.models.convert import CheckpointError
 
 # (depths, dims) -> timm arch; the DINOv3 sizes are the standard ConvNeXt ones.
-_ARCHS = {
+_ARCHS: dict[tuple[tuple[int, ...], tuple[int, ...]], str] = {
     ((3, 3, 9, 3), (96, 192, 384, 768)): "convnext_tiny",
     ((3, 3, 27, 3), (96, 192, 384, 768)): "convnext_small",
     ((3, 3, 27, 3), (128, 256, 512, 1024)): "convnext_base",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,8 @@ def _cubic_matrix(n_out: int | torch.SymInt, n_in: int, scale: float | torch.Sym
     """(n_out, n_in) weights of PyTorch's bicubic resize (A = -0.75, align_corners=False, border
     indexes clamped) when output i reads input coordinate ``scale * (i + 0.5) - 0.5``."""
     a = -0.75
-    src = (torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5
+    # torch's stubs type Tensor * SymFloat as Tensor | SymFloat; it is a tensor
+    src = cast(torch.Tensor, (torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5)
     x0 = torch.floor(src)
     t = src - x0
 
@@ -100,7 +102,7 @@ class OffsetPosEmbedViT(VisionTransformer):
             return super()._pos_embed(x)
         B, H, W, C = x.shape
         n_pre = 0 if self.no_embed_class else self.num_prefix_tokens
-        pos = self.pos_embed
+        pos: torch.Tensor = self.pos_embed
         # torch.export cannot keep F.interpolate's scale factor symbolic: same maths as matrices there
         resize = offset_resize_traceable if torch.compiler.is_exporting() else offset_resize
         patch_pos = resize(pos[:, n_pre:], tuple(self.patch_embed.grid_size), (H, W))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -147,7 +148,7 @@ def hf_dinov3_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def infer_dinov3(sd: Mapping[str, torch.Tensor], source: str, num_heads: int | None = None) -> dict[str, object]:
+def infer_dinov3(sd: Mapping[str, torch.Tensor], source: str, num_heads: int | None = None) -> dict[str, Any]:
     """timm Eva config of a DINOv3 state dict in timm keys (after :func:`dinov3_to_timm`)."""
     w = sd["patch_embed.proj.weight"]
     width, in_chans, ph, pw = (int(s) for s in w.shape)

@@ -13,6 +13,8 @@ import re
 import torch
 from torch import nn
 
+from dinokit._modattr import blocks, int_attr, method
+
 FEATURE_KINDS = ("cls", "cls+avgpool", "last4", "patch", "registers")
 _LAST_N = re.compile(r"^last(\d+)$")
 
@@ -28,7 +30,7 @@ def check_features(features: str) -> str:
 
 def feature_dim(model: nn.Module, features: str = "cls") -> int:
     """Width D of one row of ``compute_features(model, x, features)`` (per token for patch/registers)."""
-    d = int(model.num_features)
+    d = int_attr(model, "num_features")
     if features == "cls+avgpool":
         return 2 * d
     m = _LAST_N.match(features)
@@ -58,9 +60,9 @@ def compute_features(model: nn.Module, x: torch.Tensor, features: str = "cls") -
         return model(x)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
         raise ValueError(f"features={features!r} needs a ViT backbone; {type(model).__name__} only supports 'cls'")
-    npre = int(model.num_prefix_tokens)
+    npre = int_attr(model, "num_prefix_tokens")
     if features in ("cls+avgpool", "patch", "registers"):
-        tokens = model.forward_features(x)  # (B, npre + P, D), final norm applied
+        tokens = method(model, "forward_features")(x)  # (B, npre + P, D), final norm applied
         if features == "registers":
             n_reg = num_registers(model)
             if n_reg == 0:
@@ -70,9 +72,12 @@ def compute_features(model: nn.Module, x: torch.Tensor, features: str = "cls") -
         if features == "patch":
             return patches
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
-    n = int(_LAST_N.match(features).group(1))  # type: ignore[union-attr]
-    if n > len(model.blocks):
-        raise ValueError(f"features={features!r}: the model has only {len(model.blocks)} blocks")
-    inter = model.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True,
-                                        output_fmt="NLC", intermediates_only=True, stop_early=True)
+    last = _LAST_N.match(features)
+    if last is None:  # check_features let it through, so it is lastN; this narrows the type
+        raise ValueError(f"features={features!r}: expected lastN")
+    n = int(last.group(1))
+    if n > (depth := len(blocks(model))):
+        raise ValueError(f"features={features!r}: the model has only {depth} blocks")
+    inter = method(model, "forward_intermediates")(x, indices=n, return_prefix_tokens=True, norm=True,
+                                                   output_fmt="NLC", intermediates_only=True, stop_early=True)
     return torch.cat([prefix[:, 0] for _, prefix in inter], dim=-1)

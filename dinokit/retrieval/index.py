@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -28,6 +28,7 @@ from dinokit.retrieval.folder import check_index_target, is_v1_folder, read_v1, 
 from dinokit.retrieval.kinds import (
     DEFAULT_MEMORY_BUDGET,
     SEARCH_KNOBS,
+    Knob,
     build_faiss,
     check_kind,
     faiss,
@@ -35,7 +36,7 @@ from dinokit.retrieval.kinds import (
     normalize,
     resolve_kind,
 )
-from dinokit.retrieval.metadata import MetadataLike, check_metadata, read_metadata_file
+from dinokit.retrieval.metadata import Filter, MetadataLike, check_metadata, read_metadata_file
 from dinokit.retrieval.search import search_snapshot
 from dinokit.retrieval.store import FORMAT_VERSION, Store
 
@@ -43,6 +44,23 @@ log = logging.getLogger(__name__)
 
 # The vision stack (torch, torchvision, timm: seconds to import) is imported inside the functions that
 # embed images, so that processes that only add or search vectors (writers, servers' workers) start fast.
+
+if TYPE_CHECKING:  # annotations only, for the same reason
+    from typing import TypeAlias
+
+    import torch
+    from torch import nn
+
+    from dinokit.embedding import Embeddings
+
+    #: feature vectors, (N, D) or (D,)
+    Vectors: TypeAlias = np.ndarray | torch.Tensor
+    #: a folder of images, one image path, or image paths
+    ImagePaths: TypeAlias = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+    #: what :meth:`Index.search` accepts: vectors, embeddings, or images (paths or PIL) to embed
+    Queries: TypeAlias = (Vectors | Embeddings | Image.Image | str | os.PathLike[str]
+                          | Sequence[str | os.PathLike[str] | Image.Image])
+    Device: TypeAlias = str | torch.device | None
 
 _COMPACT_FRACTION = 0.25  # remove() compacts once this share of the stored vectors is deleted
 
@@ -110,7 +128,8 @@ class AddResult:
         return len(self.ids)
 
 
-def describe_model(model: Any, *, source: str | None = None, image_size: int | None = None) -> dict[str, Any]:
+def describe_model(model: nn.Module, *, source: str | None = None,
+                   image_size: int | None = None) -> dict[str, Any]:
     """What an index records about the model that made its features: source (how to load it again),
     name, arch, fingerprint, feature size, preprocessing and image size."""
     from dinokit.models.backbone import identity  # the vision stack: see the note at the top
@@ -132,7 +151,7 @@ class Index:
         self._origin = origin  # the version-1 folder a read-only index was read from
         # the model that embeds image queries when search/add get no model= (set by build, or loaded
         # from the recorded source on first use)
-        self.model: Any = None
+        self.model: nn.Module | None = None
         self._fp_cache: dict[int, str] = {}
 
     # ------------------------------------------------------------------ construction
@@ -140,7 +159,7 @@ class Index:
     @classmethod
     def create(cls, folder: str | os.PathLike[str], *, dim: int, kind: str = "auto",
                model_info: dict[str, Any] | None = None, feature: str = "cls", image_size: int | None = None,
-               root: str | os.PathLike[str] | None = None, **knobs: Any) -> Index:
+               root: str | os.PathLike[str] | None = None, **knobs: Knob) -> Index:
         """An empty index store in ``folder`` (absent or empty) for ``dim``-d features of ``kind``."""
         check_kind(kind)
         folder = Path(folder)
@@ -152,11 +171,12 @@ class Index:
         return cls(Store.create(folder, _settings(dim, kind, knobs, model_info, feature, image_size, root)))
 
     @classmethod
-    def from_features(cls, features: Any, paths: Sequence[str | os.PathLike[str] | None], kind: str = "auto", *,
+    def from_features(cls, features: Vectors, paths: Sequence[str | os.PathLike[str] | None], kind: str = "auto",
+                      *,
                       metadata: MetadataLike | None = None, model_info: dict[str, Any] | None = None,
                       feature: str = "cls", root: str | os.PathLike[str] | None = None,
                       image_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                      **knobs: Any) -> Index:
+                      **knobs: Knob) -> Index:
         """An in-memory index of ``features`` (N, D) with their ``paths`` (N,), ids 0..N-1.
 
         ``kind``: "flat" | "hnsw" | "ivfpq" | "auto"; ``knobs`` override the kind's defaults (e.g.
@@ -185,10 +205,11 @@ class Index:
         return cls(store)
 
     @classmethod
-    def build(cls, folder_or_paths: Any, model: Any, kind: str = "auto", *, metadata: MetadataLike | None = None,
-              batch_size: int = 64, device: Any = None, num_workers: int | None = None,
-              image_size: int | None = None, feature: str = "cls", progress: Progress | None = None,
-              model_source: str | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, **knobs: Any) -> Index:
+    def build(cls, folder_or_paths: ImagePaths, model: nn.Module, kind: str = "auto", *,
+              metadata: MetadataLike | None = None, batch_size: int = 64, device: Device = None,
+              num_workers: int | None = None, image_size: int | None = None, feature: str = "cls",
+              progress: Progress | None = None, model_source: str | None = None,
+              memory_budget: int = DEFAULT_MEMORY_BUDGET, **knobs: Knob) -> Index:
         """Embed every image under a folder (or a list of image paths) with ``model`` and index them.
 
         Paths are stored relative to the folder (for a list: to the folder that holds them all).
@@ -266,7 +287,7 @@ class Index:
         return str(meta.get("main_kind") or meta["kind"])
 
     @property
-    def knobs(self) -> dict[str, Any]:
+    def knobs(self) -> dict[str, Knob]:
         meta = self._meta
         return dict(meta.get("main_knobs") or meta.get("knobs") or {})
 
@@ -394,9 +415,10 @@ class Index:
 
     # ------------------------------------------------------------------ add / remove / compact
 
-    def add(self, items: Any = None, *, features: Any = None, paths: Sequence[str | os.PathLike[str] | None] | None = None,
-            metadata: MetadataLike | None = None, model: Any = None, batch_size: int = 64, device: Any = None,
-            num_workers: int | None = None, progress: Progress | None = None) -> AddResult:
+    def add(self, items: ImagePaths | None = None, *, features: Vectors | None = None,
+            paths: Sequence[str | os.PathLike[str] | None] | None = None,
+            metadata: MetadataLike | None = None, model: nn.Module | None = None, batch_size: int = 64,
+            device: Device = None, num_workers: int | None = None, progress: Progress | None = None) -> AddResult:
         """Add images or vectors; paths already in the index are skipped. Durable when it returns.
 
         ``items``: a folder (every image under it) or image paths, embedded with ``model`` (default:
@@ -503,7 +525,7 @@ class Index:
         self._store.snapshot()
         return True
 
-    def set_knobs(self, **knobs: Any) -> None:
+    def set_knobs(self, **knobs: Knob | None) -> None:
         """Change search-time knobs for later searches: ``ef_search`` (hnsw), ``nprobe``, ``k_factor`` (ivfpq)."""
         allowed = SEARCH_KNOBS.get(self.kind, frozenset())
         bad = sorted(set(knobs) - allowed)
@@ -526,9 +548,10 @@ class Index:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries: Any, k: int = 10, *, filter: Mapping[str, Any] | None = None, model: Any = None,
-               feature_kind: str | None = None, ef_search: int | None = None, nprobe: int | None = None,
-               k_factor: float | None = None, batch_size: int = 64, device: Any = None) -> SearchResult:
+    def search(self, queries: Queries, k: int = 10, *, filter: Filter | None = None,
+               model: nn.Module | None = None, feature_kind: str | None = None, ef_search: int | None = None,
+               nprobe: int | None = None, k_factor: float | None = None, batch_size: int = 64,
+               device: Device = None) -> SearchResult:
         """The ``k`` nearest stored items of each query, best first.
 
         ``queries``: vectors (N, D) or (D,) (numpy or torch), an ``Embeddings``, a PIL image or image
@@ -544,19 +567,19 @@ class Index:
         x, names = self._query_vectors(queries, model=model, batch_size=batch_size, device=device)
         return self._search(x, k, filter, names, ef_search=ef_search, nprobe=nprobe, k_factor=k_factor)
 
-    def search_vectors(self, vectors: Any, k: int = 10, *, filter: Mapping[str, Any] | None = None,
-                       **knobs: Any) -> SearchResult:
+    def search_vectors(self, vectors: Vectors, k: int = 10, *, filter: Filter | None = None,
+                       **knobs: Knob | None) -> SearchResult:
         """Search with feature vectors (Q, D) or (D,) (normalized here)."""
         x = normalize(vectors)
         return self._search(x, k, filter, [str(i) for i in range(len(x))], **knobs)
 
-    def search_by_id(self, id: int, k: int = 10, *, filter: Mapping[str, Any] | None = None,
-                     **knobs: Any) -> SearchResult:
+    def search_by_id(self, id: int, k: int = 10, *, filter: Filter | None = None,
+                     **knobs: Knob | None) -> SearchResult:
         """Search with the stored vector of item ``id`` (it finds itself first unless filtered out)."""
         return self._search(self.vector(id)[None, :], k, filter, [f"id {id}"], **knobs)
 
-    def _search(self, x: np.ndarray, k: int, filter: Mapping[str, Any] | None, names: list[str],
-                **overrides: Any) -> SearchResult:
+    def _search(self, x: np.ndarray, k: int, filter: Filter | None, names: list[str],
+                **overrides: Knob | None) -> SearchResult:
         if x.shape[1] != self.dim:
             raise ModelMismatchError(f"queries have dimension {x.shape[1]} but the index holds dimension "
                                      f"{self.dim} (another model?)")
@@ -580,8 +603,8 @@ class Index:
         scores[ids < 0] = np.nan
         return SearchResult(ids, paths, scores, metas, names)
 
-    def _query_vectors(self, queries: Any, *, model: Any, batch_size: int, device: Any
-                       ) -> tuple[np.ndarray, list[str]]:
+    def _query_vectors(self, queries: Queries, *, model: nn.Module | None, batch_size: int,
+                       device: Device) -> tuple[np.ndarray, list[str]]:
         """Queries -> (normalized (N, D) float32, names)."""
         if hasattr(queries, "features") and hasattr(queries, "paths"):  # an Embeddings object
             self._check_embeddings_info(getattr(queries, "info", None) or {})
@@ -616,7 +639,7 @@ class Index:
                     strict=True)
         return normalize(emb.features), names
 
-    def _model_for(self, model: Any, what: str) -> Any:
+    def _model_for(self, model: nn.Module | None, what: str) -> nn.Module:
         """``model``, else the build model, else the model recorded in the index (loaded once)."""
         if model is not None:
             return model
@@ -644,7 +667,7 @@ class Index:
                 f"model mismatch: the index was built with {mine.get('name')} (fingerprint "
                 f"{want}) but the query features come from {info.get('model')} (fingerprint {fp})")
 
-    def _check_model(self, model: Any) -> None:
+    def _check_model(self, model: nn.Module) -> None:
         """Raise ModelMismatchError when ``model`` is not the model the index was built with."""
         mine = self.model_info or {}
         want = mine.get("fingerprint")
@@ -657,7 +680,9 @@ class Index:
             fp = fingerprint(model)
             self._fp_cache = {id(model): fp}
         if fp != want:
-            name = getattr(model, "dinokit_name", None) or model.pretrained_cfg.get("architecture", "?")
+            from dinokit._modattr import pretrained_cfg  # imports torch: see the note at the top
+
+            name = getattr(model, "dinokit_name", None) or pretrained_cfg(model).get("architecture", "?")
             raise ModelMismatchError(
                 f"model mismatch: the index was built with {mine.get('name')} "
                 f"(fingerprint {want}) but the queries use {name} (fingerprint {fp}); "

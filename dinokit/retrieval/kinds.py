@@ -35,6 +35,9 @@ FLAT_MAX = 20_000
 # at 1M the HNSW graph takes 9x longer to build than IVF-PQ and falls to recall 0.86-0.94
 HNSW_MAX = 250_000
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
+#: one FAISS knob value: ``M=32``, ``nprobe=8``, ``k_factor=2.0``, ``refine="sq8"``, ...
+Knob = int | float | str
+
 SEARCH_KNOBS = {"flat": frozenset(), "hnsw": frozenset({"ef_search"}), "ivfpq": frozenset({"nprobe", "k_factor"})}
 
 

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 MetadataLike = Sequence[Mapping[str, Any] | None] | Mapping[str, Mapping[str, Any]] | str | os.PathLike[str]
-Filter = Mapping[str, Any]
+#: a metadata value a filter can match (JSON scalars; lists and objects are not filterable)
+Scalar = str | int | float | bool | None
+#: equality on metadata fields, several keys AND-ed: ``{"sku": "b", "year": 2024}``
+Filter = Mapping[str, Scalar]
 
 _FILE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 

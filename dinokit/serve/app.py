@@ -149,7 +149,7 @@ def _add_docs(app: FastAPI) -> None:
         from swagger_ui_bundle import swagger_ui_path
     except ImportError:  # optional: the API works without it
         swagger_ui_path = None
-    assets = {}
+    assets: dict[str, Any] = {}  # get_swagger_ui_html keyword arguments (URLs here)
     if swagger_ui_path is not None:
         app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
         assets = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
@@ -339,7 +339,10 @@ async def _search_upload(state: _State, request: Request, t0: float) -> JSONResp
         raise ValueError("multipart search needs a 'file' field holding an image")
     k, filt = _k(form.get("k")), _filter(form.get("filter"))
     data = await file.read()
-    x = await run_in_threadpool(_prepare, state, data, file.filename or "file", form.get("box"))
+    box = form.get("box")
+    if isinstance(box, UploadFile):
+        raise ValueError("box: expected a JSON list [x0, y0, x1, y1] of pixel coordinates, not a file")
+    x = await run_in_threadpool(_prepare, state, data, file.filename or "file", box)
     vec = await state.batcher.embed(x)
     return _results(await state.searcher.search(vec, k, filt), t0)
 

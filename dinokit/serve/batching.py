@@ -67,9 +67,9 @@ class Embedder:
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             y = compute_features(self.model, x.to(self.device), self.feature)
-        y = y.float().cpu().numpy().reshape(len(x), -1)
-        norms = np.linalg.norm(y, axis=1, keepdims=True)
-        return np.divide(y, norms, out=np.zeros_like(y), where=norms > 0).astype(np.float32)
+        rows = y.float().cpu().numpy().reshape(len(x), -1)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0).astype(np.float32)
 
 
 class _Collector:

@@ -16,9 +16,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the client stays light (no torch, PIL or faiss at import)
+    from typing import TypeAlias
+
+    import torch
+    from PIL import Image
+
+    from dinokit.retrieval.index import SearchResult
+
+    #: what :meth:`Client.search` accepts: an item id, a vector (D,), an image path, a PIL image, image bytes
+    Query: TypeAlias = (int | np.integer | Sequence[float] | np.ndarray | torch.Tensor
+                        | str | os.PathLike[str] | Image.Image | bytes)
 
 
 class ServerError(RuntimeError):
@@ -82,8 +94,8 @@ class Client:
 
     # ------------------------------------------------------------------ API
 
-    def search(self, query: Any, k: int = 10, filter: dict[str, Any] | None = None, *,
-               box: Sequence[float] | None = None) -> Any:
+    def search(self, query: Query, k: int = 10, filter: dict[str, Any] | None = None, *,
+               box: Sequence[float] | None = None) -> SearchResult:
         """The ``k`` nearest items to ``query``: an image path, a PIL image, image bytes, a vector (D,)
         (list, numpy or torch) or an item id (int). ``box`` = [x0, y0, x1, y1] searches an image region.
 
@@ -93,7 +105,7 @@ class Client:
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             body = self._call("POST", "/search", json={"id": int(query), "k": k, "filter": filter})
         elif _is_vector(query):
-            vec = np.asarray(query.detach().cpu() if hasattr(query, "detach") else query, dtype=np.float32)
+            vec = _vector(query)
             body = self._call("POST", "/search", json={"vector": vec.reshape(-1).tolist(), "k": k, "filter": filter})
         else:
             name, data = _image_bytes(query)
@@ -141,6 +153,11 @@ def _is_vector(query: Any) -> bool:
     return isinstance(query, (list, tuple)) and all(isinstance(v, (int, float)) for v in query)
 
 
+def _vector(query: Any) -> np.ndarray:
+    """A vector query (list, numpy or torch) as float32 numpy."""
+    return np.asarray(query.detach().cpu() if hasattr(query, "detach") else query, dtype=np.float32)
+
+
 def _image_bytes(query: Any) -> tuple[str, bytes]:
     """(file name, encoded bytes) of an image path, a PIL image or raw image bytes."""
     if isinstance(query, (bytes, bytearray, memoryview)):
@@ -158,7 +175,7 @@ def _image_bytes(query: Any) -> tuple[str, bytes]:
                     f"got {type(query).__name__}")
 
 
-def _search_result(results: list[dict[str, Any]], k: int, name: str) -> Any:
+def _search_result(results: list[dict[str, Any]], k: int, name: str) -> SearchResult:
     """Server results -> a one-row SearchResult padded to ``k``, with metadata where SearchResult has it."""
     from dinokit.retrieval.index import SearchResult
 
