@@ -62,7 +62,7 @@ def load_init(student: MultiCropWrapper, teacher: MultiCropWrapper, source: str)
         return "full checkpoint"
     sd = load(source).state_dict()
     for net in (student, teacher):
-        missing, unexpected = cast(nn.Module, net.backbone).load_state_dict(sd, strict=False)
+        missing, unexpected = net.backbone.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"{source}: backbone does not fit model.arch/model_args "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
