@@ -177,6 +177,35 @@ def test_kill_save_into_existing_folder(tmp_path: Path, models: dict, outputs: d
     assert (folder / "notes.md").read_text() == "the user's own file"
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_kill_index_save_over_an_existing_index(tmp_path: Path, exchange: bool) -> None:
+    """Index.save into an existing index folder (issue 16: a kill between its two renames left no
+    index at the path): after every kill the folder loads as the old or the new index."""
+    from dinokit.retrieval import Index
+
+    g = torch.Generator().manual_seed(0)
+    vecs = {k: torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for k, n in (("A", 30), ("B", 50))}
+    folder = tmp_path / "idx"
+    Index.from_features(vecs["A"], [f"a{i}.png" for i in range(30)]).save(folder)
+
+    def write(which: str) -> None:
+        n = len(vecs[which])
+        with contextlib.nullcontext() if exchange else no_exchange():
+            Index.from_features(vecs[which], [f"{which.lower()}{i}.png" for i in range(n)]).save(folder)
+
+    def state() -> str:
+        try:
+            index = Index.load(folder)
+            count, first = index.count, index.get(0)["path"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"bad: {type(e).__name__}: {str(e)[:160]}"
+        return {(30, "a0.png"): "A", (50, "b0.png"): "B"}.get((count, Path(first).name), f"bad: {count} {first}")
+
+    torture(f"Index.save ({'renameat2' if exchange else 'two renames'})", write, state,
+            FOLDER_POINTS if exchange else FALLBACK_POINTS)
+    assert _leftovers(folder) == []
+
+
 def test_kill_convert(tmp_path: Path, models: dict, outputs: dict) -> None:
     src = {}
     for k, m in models.items():  # official backbone-only .pth files

@@ -7,18 +7,15 @@ rewrote all three on every change. Such folders open read-only; ``dinokit index 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dinokit._io import atomic_folder
 from dinokit.retrieval.kinds import faiss
 from dinokit.retrieval.store import DB_FILE
 
@@ -47,46 +44,15 @@ def check_index_target(folder: str | os.PathLike[str]) -> None:
 
 
 def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a fresh temp folder beside ``folder`` with ``fill(tmp)``, then put it in ``folder``'s place.
+    """Fill a staging folder beside ``folder`` with ``fill(tmp)``, then switch it in whole.
 
-    Two renames: an existing folder is moved aside first and deleted only once the new one is in place,
-    so at every instant ``folder`` is the complete old or the complete new index (or briefly absent)."""
+    :func:`dinokit._io.atomic_folder` does the switch: files and folders fsynced, one atomic rename
+    exchange (or a journaled pair of renames that :func:`~dinokit._io.recover_folder` finishes or
+    rolls back), so at every instant ``folder`` is the complete old or the complete new index."""
     check_index_target(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders; an index folder may be shared
-    try:
+    with atomic_folder(folder) as tmp:
         fill(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / "index")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _remove_stale(folder: Path, max_age_s: float = 3600.0) -> None:
-    """Remove temp folders an interrupted save of ``folder`` left beside it (old enough that no save
-    can still be writing them)."""
-    now = time.time()
-    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
-        for p in folder.parent.glob(pattern):
-            with contextlib.suppress(OSError):
-                if p.is_dir() and now - p.stat().st_mtime > max_age_s:
-                    log.info("%s: removing a folder left by an interrupted save", p)
-                    shutil.rmtree(p, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass

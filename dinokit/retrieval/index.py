@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from dinokit._io import recover_folder
 from dinokit._types import Progress
 from dinokit.retrieval.folder import check_index_target, is_v1_folder, read_v1, v1_settings, write_folder
 from dinokit.retrieval.kinds import (
@@ -250,6 +251,7 @@ class Index:
         """Open an index folder: a store (shared with other processes: see :meth:`refresh`), or a
         version-1 folder (index.faiss + meta.json + paths.json), which opens read-only."""
         folder = Path(folder)
+        recover_folder(folder)  # a save killed between its renames: finish it or roll it back
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such index folder")
         if is_v1_folder(folder):
