@@ -7,9 +7,12 @@ rewrote all three on every change. Such folders open read-only; ``dinokit index 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +53,23 @@ def write_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
     exchange (or a journaled pair of renames that :func:`~dinokit._io.recover_folder` finishes or
     rolls back), so at every instant ``folder`` is the complete old or the complete new index."""
     check_index_target(folder)
+    _remove_stale(folder)
     with atomic_folder(folder) as tmp:
         fill(tmp)
     return folder
+
+
+def _remove_stale(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Remove the temp folders that saves of earlier dinokit versions (``.NAME.tmp-*``, ``.NAME.old-*``)
+    left beside ``folder`` when killed, once old enough that no save can still be writing them;
+    :func:`~dinokit._io.recover_folder` handles today's."""
+    now = time.time()
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
+        for p in folder.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                    log.info("%s: removing a folder left by an interrupted save", p)
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass
