@@ -168,3 +168,24 @@ def test_attention_cli_rejects_a_resnet(tmp_path: Path) -> None:
     Image.new("RGB", (32, 32)).save(img)
     code, _, err = run("attention", img, "--model", tmp_path / "resnet", "--out", tmp_path / "o")
     assert code == 1 and "no transformer blocks with self-attention" in err
+
+
+def test_index_build_reports_skipped_files_and_stays_inside_the_folder(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Broken files are named once; a link loop adds nothing; a link outside the folder is followed
+    only with --follow-links."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(setup["photos"] / "x", photos)
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (photos / "loop").symlink_to(photos)  # sub/loop -> .. : would index every image again and again
+    (photos / "outside").symlink_to(setup["more"])
+    idx = tmp_path / "a.index"
+    code, _, err = run("index", "build", photos, "--model", setup["model"], "--out", idx, "--workers", "0")
+    assert code == 0, err
+    assert dinokit.Index.load(idx).count == 8  # the 8 images once; not the loop, not the outside link
+    assert err.count("broken.png") == 1 and "outside" in err
+    code, _, err = run("index", "build", photos, "--model", setup["model"], "--out", idx, "--workers", "0",
+                       "--follow-links")
+    assert code == 0, err
+    assert dinokit.Index.load(idx).count == 12  # + the 4 images behind the outside link

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from dinokit.cli._common import _fail, _print_json, _progress, app, console, out
+from dinokit.cli._common import _fail, _print_json, _progress, app, console, out, progress_bar, report_skipped
 
 index_app = typer.Typer(help="FAISS image search: build, add to, search, filter and inspect an index.",
                         no_args_is_help=True)
@@ -89,6 +89,8 @@ def index_build_cmd(
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
     threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Walk into links that lead outside FOLDER "
+                                      "(default: skipped and reported; a link loop is visited once either way)."),
 ) -> None:
     """Embed every image under FOLDER and write a search index.
 
@@ -107,13 +109,13 @@ def index_build_cmd(
     if threads:
         set_num_threads(threads)
     net = load(model)
-    bar, update = _progress("embedding")
-    with bar:
+    with progress_bar("embedding") as update:
         index = Index.build(folder, model=net, kind=kind, metadata=meta, batch_size=batch_size, device=device,
-                            num_workers=workers, image_size=image_size, feature=features,
-                            progress=update, **_parse_knobs(knob))
+                            num_workers=workers, image_size=image_size, feature=features, progress=update,
+                            follow_links=follow_links, **_parse_knobs(knob))
     index.save(out_dir)
     console.print(f"indexed {len(index)} images ({index.kind}, dim {index.dim}) -> {out_dir}", highlight=False)
+    report_skipped(index.skipped, "unreadable files")
 
 
 @index_app.command("add")

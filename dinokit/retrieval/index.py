@@ -153,6 +153,7 @@ class Index:
         # the model that embeds image queries when search/add get no model= (set by build, or loaded
         # from the recorded source on first use)
         self.model: nn.Module | None = None
+        self.skipped: list[tuple[str, str]] = []  # what Index.build left out: (path, reason)
         self._fp_cache: dict[int, str] = {}
 
     # ------------------------------------------------------------------ construction
@@ -210,13 +211,15 @@ class Index:
               metadata: MetadataLike | None = None, batch_size: int = 64, device: Device = None,
               num_workers: int | None = None, image_size: int | None = None, feature: str = "cls",
               progress: Progress | None = None, model_source: str | None = None,
-              memory_budget: int = DEFAULT_MEMORY_BUDGET, **knobs: Knob) -> Index:
+              memory_budget: int = DEFAULT_MEMORY_BUDGET, follow_links: bool = False, **knobs: Knob) -> Index:
         """Embed every image under a folder (or a list of image paths) with ``model`` and index them.
 
         Paths are stored relative to the folder (for a list: to the folder that holds them all).
-        Unreadable images are skipped and logged (see ``dinokit.embed``). ``model_source`` (how to
-        load the model again) defaults to the source ``dinokit.load`` was given, made absolute for
-        local paths. ``metadata``: as in :meth:`from_features`.
+        Unreadable images and files the folder walk skips are left out and listed in
+        ``index.skipped`` as (path, reason). ``follow_links``: walk into links that lead outside the
+        folder. ``model_source`` (how to load the model again) defaults to the source
+        ``dinokit.load`` was given, made absolute for local paths. ``metadata``: as in
+        :meth:`from_features`.
         """
         from dinokit.data.images import list_images
         from dinokit.embedding import embed  # the vision stack: see the note at the top
@@ -224,7 +227,8 @@ class Index:
         images: str | list[str]
         if isinstance(folder_or_paths, (str, os.PathLike)) and Path(folder_or_paths).is_dir():
             root, images = _abs(folder_or_paths), os.fspath(folder_or_paths)
-            metadata = _by_input(metadata, lambda: [_abs(p) for p in list_images(folder_or_paths)])
+            metadata = _by_input(metadata, lambda: [_abs(p) for p in list_images(folder_or_paths,
+                                                                                   follow_links=follow_links)])
         else:
             items = [folder_or_paths] if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
             given = [Path(_abs(p)) for p in items]
@@ -234,7 +238,7 @@ class Index:
             images = [str(p) for p in given]
             metadata = _by_input(metadata, lambda: images)
         emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
-                    image_size=image_size, features=feature, progress=progress)
+                    image_size=image_size, features=feature, progress=progress, follow_links=follow_links)
         if len(emb.paths) == 0:
             raise ValueError(f"{folder_or_paths}: no usable images to index")
         paths = emb.paths if not isinstance(images, list) else \
@@ -244,6 +248,7 @@ class Index:
                                   model_info=describe_model(model, source=model_source, image_size=size),
                                   image_size=size, memory_budget=memory_budget, **knobs)
         index.model = model  # later searches by image need no model=
+        index.skipped = list(emb.skipped)
         return index
 
     @classmethod
