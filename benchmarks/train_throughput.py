@@ -13,8 +13,9 @@ Modes:
 - ``official-reimpl``: "official-style (re-implemented)": the earlier stand-in (dinokit's timm model
   and PIL multi-crop, the official loss loop, per-parameter clip with ``.item()`` and EMA). Kept as a
   labelled extra only; it is NOT the official code (it ran 1.37x faster than it on an AVX2 CPU).
-- ``dinokit``: dinokit's defaults on this CPU: bf16 autocast where the CPU has native bf16
-  (``dinokit.devices.cpu_has_native_bf16``), else fp32; batched tensor multi-crop.
+- ``dinokit``: dinokit's own ``TrainState``/``step`` with its defaults on this CPU: precision "auto"
+  (``dinokit.training.precision.choose_precision``: fp32 at once on CPUs without native bf16, else a
+  short fp32/bf16 probe), the attention choice of ``TrainState.prepare``, batched tensor multi-crop.
 - ``dinokit-fp32`` / ``dinokit-bf16``: the same step with the precision forced.
 
 Each (config, mode) runs in its own subprocess (peak RSS is its own); modes are interleaved over
@@ -178,15 +179,12 @@ def _instrument_official(off: Any, parts: dict[str, Any], watch: Stopwatch) -> N
 
 # ------------------------------------------------------------------------------ dinokit and the re-implementation
 def run_dinokit(config: str, mode: str, iters: int, profile: bool) -> dict[str, Any]:
-    """Augmentation and training steps of dinokit (or of the re-implemented official-style step)."""
+    """Augmentation and steps of dinokit's own ``TrainState``/``step`` (or of the re-implementation)."""
     import torch
 
     from dinokit.data.multicrop import MultiCropSpec, PILMultiCrop, TensorMultiCrop
-    from dinokit.devices import cpu_has_native_bf16
     from dinokit.training.config import TrainConfig
-    from dinokit.training.loop import _autocast, build_models, set_fused_attention, use_fused_attention
-    from dinokit.training.loss import DINOLoss
-    from dinokit.training.optim import build_optimizer, set_schedules
+    from dinokit.training.models import build_models
 
     cfg = TrainConfig().replace(CONFIGS[config])
     b = cfg.optim.batch_size_per_gpu
@@ -194,15 +192,12 @@ def run_dinokit(config: str, mode: str, iters: int, profile: bool) -> dict[str, 
     images = _images(config, b * (iters + 1))
     torch.manual_seed(0)
     student, teacher = build_models(cfg)
-    optimizer = build_optimizer(student)
-    set_schedules(optimizer, 1e-4, 0.04)
-    loss_fn = DINOLoss(cfg.model.out_dim, spec.ncrops, 0.04, 0.04, 0, 100)
-    out: dict[str, Any] = {}
+    watch = Stopwatch()
     if mode == "official-reimpl":
         gen = torch.Generator().manual_seed(0)
         pil = PILMultiCrop(spec)
         batches, aug_times = _pil_batches(lambda im: pil(im, gen), images, b, iters + 1)
-        precision = "fp32"
+        run, precision = _reimpl_runner(cfg, student, teacher, spec.ncrops, watch), "fp32"
     else:
         tm = TensorMultiCrop(spec)
         x = torch.from_numpy(images)
@@ -212,65 +207,80 @@ def run_dinokit(config: str, mode: str, iters: int, profile: bool) -> dict[str, 
             t0 = time.perf_counter()
             batches.append(tm(x[i * b:(i + 1) * b], torch.Generator().manual_seed(i)))
             aug_times.append(time.perf_counter() - t0)
-        precision = {"dinokit-fp32": "fp32", "dinokit-bf16": "bf16"}.get(
-            mode, "bf16" if cpu_has_native_bf16() else "fp32")
-        fused = use_fused_attention(cfg, torch.device("cpu"), precision)  # the loop's attention choice
-        set_fused_attention(student, fused)
-        set_fused_attention(teacher, fused)
-    out["aug_s"], out["precision"] = aug_times[1:], precision
-    step = _reimpl_step if mode == "official-reimpl" else _dinokit_step
-    watch = Stopwatch()
-    ctx = (student, teacher, optimizer, loss_fn, precision, watch, _autocast)
-    _, out["step_flops"] = _machine.count_flops(lambda: step(batches[0], *ctx))
+        run, precision = _dinokit_runner(cfg, mode, student, teacher, iters + 1)
+    out: dict[str, Any] = {"aug_s": aug_times[1:], "precision": precision}
+    if profile and mode != "official-reimpl":
+        _instrument_dinokit(run, watch)
+    _, out["step_flops"] = _machine.count_flops(lambda: run(batches[0]))
     times = []
-    watch.on = profile
+    watch.on = True
     with _machine.peak_around(out):
         for crops in batches[1:]:
             t0 = time.perf_counter()
-            step(crops, *ctx)
+            run(crops)
             times.append(time.perf_counter() - t0)
+    watch.on = False
     out["step_s"] = times
     if profile:
+        watch.spent["other"] = sum(times) - sum(watch.spent.values())
         out["stages_s"] = {k: v / iters for k, v in watch.spent.items()}
     return out
 
 
-def _dinokit_step(crops: list[Any], student: Any, teacher: Any, optimizer: Any, loss_fn: Any, precision: str,
-                  w: Stopwatch, autocast: Any) -> None:
-    """dinokit's training step (as in dinokit.training.loop), with a stopwatch between its stages."""
+def _dinokit_runner(cfg: Any, mode: str, student: Any, teacher: Any, ipe: int) -> tuple[Any, str]:
+    """dinokit's ``TrainState`` at epoch 1 (the last layer trains, as in the official run) and its ``step``."""
     import torch
 
-    from dinokit.training.ema import ema_update_
-    from dinokit.training.optim import cancel_last_layer_gradients, clip_gradients
+    from dinokit.training.precision import choose_precision, probe_views
+    from dinokit.training.state import TrainState, step
 
     dev = torch.device("cpu")
-    t = time.perf_counter()
-    with autocast(dev, precision):
-        with torch.no_grad():
-            t_out = teacher(crops[:2])
-        t1 = time.perf_counter()
-        s_out = student(crops)
-    t2 = time.perf_counter()
-    loss = loss_fn(s_out, t_out, 0)
-    if not torch.isfinite(loss):
-        raise FloatingPointError("non-finite loss")
-    t3 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    t4 = time.perf_counter()
-    clip_gradients(student, 3.0)
-    cancel_last_layer_gradients(student, 1, 1)
-    t5 = time.perf_counter()
-    optimizer.step()
-    t6 = time.perf_counter()
-    ema_update_(list(teacher.parameters()), list(student.parameters()), 0.996)
-    t7 = time.perf_counter()
-    for stage, a, z in zip(STAGES, (t, t1, t2, t3, t4, t5, t6), (t1, t2, t3, t4, t5, t6, t7), strict=False):
-        w.add(stage, z - a)
+    if mode == "dinokit":  # the loop's own "auto" choice (a short probe where the CPU has native bf16)
+        precision = choose_precision(cfg.replace({"precision": "auto"}), dev, student, teacher, probe_views(cfg, dev))
+    else:
+        precision = mode.split("-")[1]
+    state = TrainState.create(cfg, dev, student, teacher, iterations_per_epoch=ipe, global_batch=cfg.optim.batch_size_per_gpu)
+    state.prepare(precision)
+    state.iteration = ipe
+
+    def run(crops: list[Any]) -> None:
+        step(state, crops)
+
+    run.state = state  # type: ignore[attr-defined]
+    return run, precision
 
 
-def _reimpl_step(crops: list[Any], student: Any, teacher: Any, optimizer: Any, loss_fn: Any, precision: str,
-                 w: Stopwatch, autocast: Any) -> None:
+def _instrument_dinokit(run: Any, watch: Stopwatch) -> None:
+    """Time the parts of dinokit's step by wrapping them (the step itself is untouched)."""
+    import torch
+
+    from dinokit.training import state as state_mod
+
+    st = run.state
+    st.teacher.forward = watch.wrap("teacher fwd", st.teacher.forward)
+    st.forward.forward = watch.wrap("student fwd", st.forward.forward)
+    st.loss_fn.forward = watch.wrap("loss", st.loss_fn.forward)
+    st.optimizer.step = watch.wrap("optimizer", st.optimizer.step)
+    state_mod.clip_gradients = watch.wrap("clip", state_mod.clip_gradients)
+    state_mod.ema_update_ = watch.wrap("EMA", state_mod.ema_update_)
+    torch.Tensor.backward = watch.wrap("backward", torch.Tensor.backward)  # type: ignore[method-assign]
+
+
+def _reimpl_runner(cfg: Any, student: Any, teacher: Any, ncrops: int, watch: Stopwatch) -> Any:
+    from dinokit.training.loss import DINOLoss
+    from dinokit.training.optim import build_optimizer, set_schedules
+
+    optimizer = build_optimizer(student)
+    set_schedules(optimizer, 1e-4, 0.04)
+    loss_fn = DINOLoss(cfg.model.out_dim, ncrops, 0.04, 0.04, 0, 100)
+
+    def run(crops: list[Any]) -> None:
+        _reimpl_step(crops, student, teacher, optimizer, loss_fn, watch)
+
+    return run
+
+
+def _reimpl_step(crops: list[Any], student: Any, teacher: Any, optimizer: Any, loss_fn: Any, w: Stopwatch) -> None:
     """The re-implemented official-style step: fp32, explicit loss loop, per-parameter clip and EMA."""
     import torch
     import torch.nn.functional as F

@@ -20,6 +20,9 @@ _EXPORTS: dict[str, str] = {
     "list_models": "dinokit.models.registry",
     "embed": "dinokit.embedding",
     "Embeddings": "dinokit.embedding",
+    "EmbedOptions": "dinokit.embedding",
+    "load_embeddings": "dinokit.embedding",
+    "iter_embeddings": "dinokit.embedding",
     # training
     "DINOHead": "dinokit.models.head",
     "DINOLoss": "dinokit.training.loss",
@@ -57,7 +60,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dinokit.attention import attention_maps, last_selfattention
-    from dinokit.embedding import Embeddings, embed
+    from dinokit.embedding import Embeddings, EmbedOptions, embed, iter_embeddings, load_embeddings
     from dinokit.eval.knn import knn_classify
     from dinokit.eval.linear import linear_probe
     from dinokit.hub import load, save

@@ -37,6 +37,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
     """Join the process group that ``torchrun`` describes in the environment.
 
@@ -95,6 +100,46 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in one process)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Counter:
+    """A job-wide counter that ranks add to without waiting for each other (no collective call).
+
+    It lives in the key-value store that torchrun's rendezvous already runs, so rank 0 can show one
+    progress bar for the work of every rank. In one process it is a plain integer.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key, self.local = key, 0
+        self.store = None
+        if get_world_size() > 1:
+            # The default group's store is not public API; without it the count stays per rank.
+            get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+            self.store = get_store() if get_store is not None else None
+
+    @property
+    def shared(self) -> bool:
+        """True when the count covers every rank (False: this rank's count, scaled by the world size)."""
+        return self.store is not None
+
+    def add(self, n: int) -> int:
+        """Add ``n`` and return the job-wide total so far."""
+        self.local += n
+        if self.store is None:
+            return self.local * get_world_size() if get_world_size() > 1 else self.local
+        return int(self.store.add(self.key, n))
+
+    def value(self) -> int:
+        return self.add(0)
 
 
 def barrier() -> None:

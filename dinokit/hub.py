@@ -384,6 +384,7 @@ def model_card(config: Mapping[str, Any], *, name: str, metrics: Mapping[str, fl
         f"| preprocessing | resize {pcfg.get('interpolation', 'bicubic')} with crop_pct "
         f"{pcfg.get('crop_pct')}, center crop, mean {pcfg.get('mean')}, std {pcfg.get('std')} |",
         f"| fingerprint | `{config.get('dinokit', {}).get('fingerprint')}` |",
+        f"| license | {license} (these weights; see the repository's LICENSE) |",
     ]
     if metrics:
         lines += ["", "## Results", "", "| metric | value |", "|---|---|"]

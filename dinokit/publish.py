@@ -139,7 +139,8 @@ def export(
         knn = _knn_record(run_dir / "log_knn.jsonl", iteration)
 
     model = dinokit.load(str(ckpt), which=which)
-    model.pretrained_cfg = {**model.pretrained_cfg, **_training_preprocessing(cfg), **dict(pretrained_cfg or {})}
+    base: dict[str, Any] = dict(getattr(model, "pretrained_cfg", {}))
+    model.pretrained_cfg = {**base, **_training_preprocessing(cfg), **dict(pretrained_cfg or {})}  # type: ignore[assignment]
 
     train_info = {
         "which": which,

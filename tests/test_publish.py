@@ -120,6 +120,7 @@ def test_push_bad_inputs(model_folder: Path, tmp_path: Path) -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A 2-iteration dinokit.train run of a tiny ViT on 32 Fashion-MNIST images, with a k-NN record."""
     import dinokit
+    from dinokit.eval.monitor import KNNMonitor
     from dinokit.training.config import TrainConfig
 
     cfg = TrainConfig().replace({
@@ -136,7 +137,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Pat
         "precision": "fp32", "saveckp_freq": 0,
     })
     run = tmp_path_factory.mktemp("tiny_run")
-    dinokit.train(cfg, run)
+    dinokit.train(cfg, run, callbacks=[KNNMonitor.from_config(cfg)])
     return run
 
 
@@ -195,6 +196,7 @@ def test_model_card_holds_the_numbers(tiny_run: Path, tmp_path: Path) -> None:
     assert "1 of 1 epochs, 2 iterations, batch 16 x 1" in card
     assert "fashion-mnist:" in card and "local_crops_size: 14" in card  # data and the recipe
     assert "value: " + str(float(knn["top1"])) in card  # Hub model-index metadata
+    assert "license: apache-2.0" in card and "| license | apache-2.0 (these weights" in card
     info = json.loads((folder / "config.json").read_text())["dinokit_train"]
     assert info["knn"]["top1"] == knn["top1"] and info["iterations"] == 2
     assert info["config"]["optim"]["batch_size_per_gpu"] == 16

@@ -12,6 +12,7 @@ import torch
 import dinokit
 from dinokit.data.fashion_mnist import load_fashion_mnist
 from dinokit.data.multicrop import MultiCropSpec, TensorMultiCrop
+from dinokit.eval.monitor import KNNMonitor
 from dinokit.training.checkpoint import load_checkpoint
 from dinokit.training.config import TrainConfig
 from dinokit.training.loop import TrainingDiverged, build_models
@@ -44,7 +45,8 @@ def test_image_folder_run_writes_logs_and_official_checkpoint(tmp_path: Path, fm
                optim__epochs=2, optim__lr=0.01, saveckp_freq=1, knn__train_source=str(fmnist_folders["train"]),
                knn__val_source=str(fmnist_folders["val"]), knn__k=5)
     seen: list[tuple[int, int, dict[str, Any]]] = []
-    summary = dinokit.train(cfg, tmp_path / "run", progress=lambda d, t, s: seen.append((d, t, s)))
+    summary = dinokit.train(cfg, tmp_path / "run", progress=lambda d, t, s: seen.append((d, t, s)),
+                            callbacks=[KNNMonitor.from_config(cfg)])
     run = tmp_path / "run"
     ipe = 200 // 16
     assert summary["iterations"] == 2 * ipe and summary["epochs_completed"] == 2 and summary["stopped"] is None
@@ -173,7 +175,7 @@ def test_cli_train_runs_a_recipe_and_names_bad_keys(tmp_path: Path) -> None:
 
 
 def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) -> None:
-    from dinokit.training.loop import choose_precision
+    from dinokit.training.precision import choose_precision
 
     cfg = _cfg(data__source="fashion-mnist#32", optim__epochs=1, max_iterations=1)
     torch.manual_seed(123)
@@ -197,7 +199,7 @@ def test_init_from_a_saved_backbone_folder_and_precision_choice(tmp_path: Path) 
 
 
 def test_attention_switch_keeps_the_numbers(tiny_vit: torch.nn.Module) -> None:
-    from dinokit.training.loop import set_fused_attention, use_fused_attention
+    from dinokit.training.precision import set_fused_attention, use_fused_attention
 
     cpu = torch.device("cpu")
     assert use_fused_attention(TrainConfig(), cpu, "bf16") is False
@@ -223,3 +225,125 @@ def test_worker_count_does_not_change_the_run_and_bad_files_are_skipped(
     # augmentation is seeded per (seed, epoch, image): identical with and without worker processes
     assert _states_equal(teachers[0], teachers[1])
     assert "broken.png: not an image" in caplog.text
+
+
+# ---------------------------------------------------------------- the parts of the loop
+def test_training_imports_nothing_from_eval() -> None:
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(dinokit.__file__).parent / "training"
+    for path in sorted(root.glob("*.py")):  # every import statement, also those inside functions
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith("dinokit.eval") for n in names), (path.name, names)
+    # nor through other modules: importing every training module loads no dinokit.eval module
+    mods = ", ".join(f"dinokit.training.{p.stem}" for p in sorted(root.glob("*.py")) if p.stem != "__init__")
+    code = f"import sys, {mods}; print(sorted(m for m in sys.modules if m.startswith('dinokit.eval')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_auto_precision_probes_only_on_native_bf16_cpus_and_stops_early(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from dinokit.training import precision
+
+    cfg = _cfg(data__source="fashion-mnist#32", precision="auto")
+    cpu = torch.device("cpu")
+    student, teacher = build_models(cfg)
+    views = precision.probe_views(cfg, cpu)
+    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
+    calls: list[tuple[str, float | None]] = []
+    seconds = {"fp32": 1.0, "bf16": 0.0}
+
+    def fake_time(s: Any, t: Any, crops: list[torch.Tensor], dev: Any, prec: str, fused: Any = None,
+                  deadline_s: float | None = None) -> float:
+        calls.append((prec, deadline_s))
+        assert len(crops[0]) == precision.PROBE_IMAGES
+        return seconds[prec]
+
+    monkeypatch.setattr(precision, "step_time", fake_time)
+    caplog.set_level("INFO", logger="dinokit.training.precision")
+    # an AVX2-only CPU: fp32 at once, nothing timed
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.choose_precision(cfg, cpu, student, teacher, views) == "fp32"
+    assert calls == [] and "no native bf16" in caplog.text
+    # native bf16: one fp32 step, then one bf16 step cut off once it is not 5% faster
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    for seconds["bf16"], want in ((0.5, "bf16"), (0.96, "fp32"), (float("inf"), "fp32")):
+        calls.clear()
+        assert precision.choose_precision(cfg, cpu, student, teacher, views + views) == want
+        assert calls == [("fp32", None), ("bf16", 0.95)]
+    assert "fp32 1.000 s, bf16 stopped after 0.950 s per probe step -> fp32" in caplog.text
+
+
+def test_probe_step_leaves_the_networks_alone_and_honours_its_deadline() -> None:
+    from dinokit.training.precision import probe_views, step_time
+
+    cfg = _cfg(data__source="fashion-mnist#32")
+    student, teacher = build_models(cfg)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    views = probe_views(cfg, torch.device("cpu"))
+    assert 0 < step_time(student, teacher, views, torch.device("cpu"), "fp32") < float("inf")
+    assert step_time(student, teacher, views, torch.device("cpu"), "bf16", deadline_s=0.0) == float("inf")
+    assert all(p.grad is None for p in student.parameters())
+    assert _states_equal(student.state_dict(), before)
+
+
+def test_run_folder_and_config_exist_before_data_and_knn_without_callback_warns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from dinokit.training import loop
+
+    cfg = _cfg(data__source="fashion-mnist#32", knn__train_source="fashion-mnist@train#64",
+               knn__val_source="fashion-mnist@test#32")
+
+    class Seen(Exception):
+        pass
+
+    def no_data(*args: Any, **kwargs: Any) -> Any:
+        assert TrainConfig.from_json((tmp_path / "run" / "config.json").read_text()) == cfg
+        raise Seen
+
+    monkeypatch.setattr(loop, "build_train_data", no_data)
+    with pytest.raises(Seen):
+        dinokit.train(cfg, tmp_path / "run")
+    assert "callbacks=[dinokit.eval.monitor.KNNMonitor.from_config(cfg)]" in caplog.text
+    assert caplog.text.count("knn.train_source is set") == 1
+
+
+def test_stop_policy_and_callback_schedule() -> None:
+    from dinokit.training.callbacks import Callbacks
+    from dinokit.training.stop import StopPolicy
+
+    stop = StopPolicy(max_iterations=5, max_minutes=0.5)
+    assert [stop.reason(4, 10.0), stop.reason(5, 10.0), stop.reason(4, 29.9), stop.reason(4, 30.0)] == [
+        None, "max_iterations", None, "max_minutes"]
+    assert StopPolicy().reason(10**6, 1e9) is None
+
+    def every_epoch(bb: torch.nn.Module) -> dict[str, Any]:
+        return {"name": "a"}
+
+    class EveryOther:
+        every_epochs = 2
+
+        def __call__(self, bb: torch.nn.Module) -> dict[str, Any] | None:
+            return {"name": "b"}
+
+    class OnlyAtEnd:
+        every_epochs = 0
+
+        def __call__(self, bb: torch.nn.Module) -> None:
+            return None  # ran, nothing to record
+
+    hooks = Callbacks([every_epoch, EveryOther(), OnlyAtEnd()])
+    bb = torch.nn.Identity()
+    ran = [[r["name"] for r in hooks.at_epoch_end(bb, e, 10 * e, 1.5)] for e in (1, 2, 3)]
+    assert ran == [["a"], ["a", "b"], ["a"]]
+    # the end of training, right after epoch 3's callbacks: only those that did not run at iteration 30
+    end = hooks.at_end(bb, 3, 30, 2.0)
+    assert [r["name"] for r in end] == ["b"] and end[0]["iteration"] == 30 and end[0]["epoch"] == 3
+    assert end[0]["time_s"] == 2.0 and end[0]["eval_time_s"] >= 0
+    assert hooks.last_iteration == [30, 30, 30]

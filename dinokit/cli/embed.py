@@ -1,58 +1,113 @@
-"""The ``dinokit`` commands: embed."""
+"""The ``dinokit`` commands: embed (one file, or a sharded folder; one process or under torchrun)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from dinokit.cli._common import _fail, _progress, app, console
+from dinokit.cli._common import _fail, _print_json, _progress, app, console
+
+_SRC_HELP = ("Images: a folder (recursive), one image, a path list (.txt), a CSV/parquet table with a 'path' "
+             "column, or WebDataset tars (x.tar, 'shards/*.tar', 'shards/{000..099}.tar').")
+_OUT_HELP = ("Output: a .npz/.npy/.safetensors/.parquet file for small jobs, or a folder of shards with "
+             "manifest.json (the only form under torchrun).")
 
 
 @app.command("embed")
 def embed_cmd(
-    images: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image file."),
+    images: str = typer.Argument(..., help=_SRC_HELP),
     model: str = typer.Option(..., "--model", "-m",
                               help="Model: registry name (dino_vits16), folder, file or HF repo id."),
-    out_file: Path = typer.Option(..., "--out", "-o", help="Output: .npz (features + paths), .npy or .safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help=_OUT_HELP),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
-    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding processes per rank (default: cores - 1)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's, 224); "
                                           "the resize keeps DINO's 256/224 ratio."),
     features: str = typer.Option("cls", "--features", help="cls, cls+avgpool, last4 (any lastN) or patch."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
+    decode: str = typer.Option("cpu", "--decode", help="cpu: Pillow in the workers; device: workers read files, "
+                               "the model's device decodes (nvJPEG on CUDA)."),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Images per shard (folder output)."),
+    fmt: str = typer.Option("parquet", "--format", help="Shard files (folder output): parquet or npy."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed job in --out: keep the shards whose "
+                                "checksums verify, redo the others."),
+    as_json: bool = typer.Option(False, "--json", help="Print a summary as JSON on stdout."),
 ) -> None:
-    """Embed every image under IMAGES with a DINO model and write the features.
+    """Embed images with a DINO model and write the features.
 
-    Example: dinokit embed photos/ --model dino_vits16 --out photos.npz
+    Examples: dinokit embed photos/ --model dino_vits16 --out photos.npz;
+    torchrun --nproc_per_node 8 -m dinokit.cli embed 'shards/{0000..0999}.tar' --model dino_vits16 --out feats/
     """
+    from dinokit import distributed
     from dinokit.data.images import ImageError
-    from dinokit.embedding import embed
+    from dinokit.embedding import FILE_SUFFIXES, EmbedOptions
     from dinokit.hub import load
 
-    if out_file.suffix.lower() not in (".npz", ".npy", ".safetensors"):
-        _fail(f"{out_file}: unknown output type; use .npz, .npy or .safetensors")
+    to_file = out.suffix.lower() in FILE_SUFFIXES
+    if to_file and distributed.init_from_env():
+        distributed.shutdown()
+        _fail(f"{out}: under torchrun --out must be a folder (shards + manifest.json)")
     try:
+        opts = EmbedOptions(batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
+                            features=features, strict=strict, decode=decode)
         net = load(model)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    bar, update = _progress("embedding")
-    try:
-        with bar:
-            result = embed(net, images, batch_size=batch_size, device=device, num_workers=workers,
-                           image_size=image_size, features=features, strict=strict, progress=update)
-        result.save(out_file)
+        summary = _to_file(net, images, out, opts) if to_file else _to_folder(
+            net, images, out, opts, shard_size, fmt, resume)
     except ImageError as exc:
         _fail(f"{exc} (--strict)")
-    except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as exc:
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError, RuntimeError) as exc:
         _fail(str(exc))
+    finally:
+        distributed.shutdown()
+    if summary is not None and as_json:
+        _print_json(summary)
+
+
+def _to_file(net: Any, images: str, out: Path, opts: Any) -> dict[str, Any]:
+    from dinokit.embedding import embed
+
+    bar, update = _progress("embedding")
+    with bar:
+        result = embed(net, images, opts, progress=update)
+    result.save(out)
     shape = "x".join(str(s) for s in result.features.shape[1:])
-    console.print(f"embedded {len(result)} images ({shape} {features} features) -> {out_file}", highlight=False)
-    if result.skipped:
-        console.print(f"[yellow]skipped {len(result.skipped)} unreadable files:[/]")
-        for path, reason in result.skipped:
+    console.print(f"embedded {len(result)} images ({shape} {opts.features} features) -> {out}", highlight=False)
+    _report_skipped(result.skipped)
+    return {"out": str(out), "rows": len(result), "skipped": [list(s) for s in result.skipped]}
+
+
+def _to_folder(net: Any, images: str, out: Path, opts: Any, shard_size: int, fmt: str,
+               resume: bool) -> dict[str, Any] | None:
+    """Sharded output: every rank runs this; only rank 0 draws the bar and prints."""
+    from dinokit import distributed
+    from dinokit.embedding import embed_to_folder
+
+    distributed.init_from_env()
+    main = distributed.is_main_process()
+    bar, update = _progress("embedding")
+    if main:
+        with bar:
+            manifest = embed_to_folder(net, images, out, opts, shard_size=shard_size, format=fmt, resume=resume,
+                                       progress=update)
+    else:
+        manifest = embed_to_folder(net, images, out, opts, shard_size=shard_size, format=fmt, resume=resume)
+    if not main:
+        return None
+    shape = "x".join(str(s) for s in manifest["feature_shape"])
+    skipped = [(s["path"], s["reason"]) for s in manifest["skipped"]]
+    console.print(f"embedded {manifest['rows']} images ({shape} {opts.features} features) into "
+                  f"{len(manifest['shards'])} shards with {manifest['world_size']} process(es) -> {out}",
+                  highlight=False)
+    _report_skipped(skipped)
+    return {"out": str(out), "rows": manifest["rows"], "shards": len(manifest["shards"]),
+            "world_size": manifest["world_size"], "skipped": [list(s) for s in skipped]}
+
+
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable files:[/]")
+        for path, reason in skipped:
             console.print(f"  {path}: {reason}", highlight=False, markup=False)
-
-
-

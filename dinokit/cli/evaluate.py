@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import typer
 
@@ -98,8 +98,9 @@ def knn_eval_cmd(
     """
     import time
 
+    from dinokit.embedding import EmbedOptions
     from dinokit.eval.cache import embed_labeled
-    from dinokit.eval.knn import knn_classify_multi, knn_report
+    from dinokit.eval.knn import Backend, Precision, knn_classify_multi, knn_report
     from dinokit.models.backbone import identity
 
     ks = _parse_ks(k, list(ctx.args))
@@ -109,17 +110,17 @@ def knn_eval_cmd(
         _fail(f"--backend {backend!r} / --precision {precision!r}: expected torch|faiss and auto|fp32|bf16")
     net, tr, va = _load_eval_data(model, train, val)
     t0 = time.perf_counter()
-    kw = dict(features=features, batch_size=batch_size, device=device, num_workers=workers, image_size=image_size,
-              use_cache=not no_cache)
+    opts = EmbedOptions(features=features, batch_size=batch_size, device=device, num_workers=workers,
+                        image_size=image_size)
     with progress_bar("embedding train") as update:
-        xtr, ytr, sk_tr = embed_labeled(net, tr, progress=update, **kw)
+        xtr, ytr, sk_tr = embed_labeled(net, tr, opts, use_cache=not no_cache, progress=update)
     with progress_bar("embedding val") as update:
-        xva, yva, sk_va = embed_labeled(net, va, progress=update, **kw)
+        xva, yva, sk_va = embed_labeled(net, va, opts, use_cache=not no_cache, progress=update)
     t1 = time.perf_counter()
     if len(ytr) == 0 or len(yva) == 0:
         _fail("no readable images in the " + ("train" if len(ytr) == 0 else "val") + " set")
     res = knn_classify_multi(xtr, ytr, xva, yva, ks=ks, T=temperature, num_classes=len(tr.classes),
-                             backend=backend, precision=precision,
+                             backend=cast(Backend, backend), precision=cast(Precision, precision),
                              device=device if device is not None else "cpu" if backend == "faiss" else None)
     t2 = time.perf_counter()
     skipped = [*sk_tr, *sk_va]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,12 @@ def train_cmd(
     )
 
     from dinokit import distributed
+    from dinokit.eval.monitor import KNNMonitor
     from dinokit.training import loop
+
+    # the automatic precision choice (and its short timing probe) is announced on screen
+    logging.getLogger("dinokit.training.precision").setLevel(logging.INFO)
+    callbacks = [KNNMonitor.from_config(cfg)] if cfg.knn.train_source else []
 
     bar = Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
@@ -69,7 +75,7 @@ def train_cmd(
 
     try:
         with bar if distributed.local_rank() == 0 else _nullctx():
-            summary = loop.train(cfg, out_dir, resume=resume, init=init, progress=update)
+            summary = loop.train(cfg, out_dir, resume=resume, init=init, progress=update, callbacks=callbacks)
     except loop.TrainingDiverged as e:
         _fail(str(e))
     except (ValueError, FileNotFoundError) as e:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -129,8 +129,15 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageError(path, f"cannot read file ({e.strerror or e})") from e
     if size == 0:
         raise ImageError(path, "empty file")
+    return decode_rgb(path, path)
+
+
+def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image (a file path or a binary file object, e.g. a tar member) as :func:`load_rgb` does;
+    errors are :class:`ImageError` naming ``name``."""
+    path = name
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()  # decode now: truncated and corrupt data fail here, not later in a worker
             im = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
             return to_rgb(im)

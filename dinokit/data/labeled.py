@@ -67,7 +67,7 @@ def resolve_labeled(arg: str | os.PathLike[str], default_split: str = "train") -
 
     Raises FileNotFoundError / ValueError with a one-line message naming the argument.
     """
-    if fashion_mnist.is_fashion_mnist_spec(arg):
+    if fashion_mnist.is_fashion_mnist_spec(str(arg)):
         spec = fashion_mnist.parse_spec(str(arg), default_split)
         images, labels = fashion_mnist.load_fashion_mnist(spec.split, spec.root, spec.limit)
         if len(images) == 0:

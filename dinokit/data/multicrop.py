@@ -118,7 +118,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
         fw, fh = width, height
     fb = np.array([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=np.int64)
     boxes = np.stack([top, left, h, w], axis=1)
-    return torch.from_numpy(np.where(found[:, None], boxes, fb))
+    return torch.from_numpy(np.where(np.asarray(found)[:, None], boxes, fb))
 
 
 @dataclass
@@ -361,7 +361,7 @@ def _blur_matrices(sigma: torch.Tensor, size: int, device: torch.device, dtype: 
     mats = np.zeros((len(sig), size, size))
     rows = np.broadcast_to(np.arange(size)[:, None], src.shape)
     for t in range(len(offs)):  # 2r+1 scatter-adds (a few dozen), never a loop over samples
-        np.add.at(mats, (slice(None), rows[:, t], src[:, t]), kern[:, t][:, None])
+        np.add.at(mats, (slice(None), rows[:, t], src[:, t]), kern[:, t][:, None])  # type: ignore[arg-type]
     return torch.from_numpy(mats).to(device, dtype)
 
 

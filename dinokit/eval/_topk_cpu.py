@@ -17,9 +17,12 @@ column index, as the official ``topk`` vote needs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+nb: Any
 try:
     import numba as nb
 except ImportError:  # pragma: no cover - numba is a dependency; without it the torch selection is used

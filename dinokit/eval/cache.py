@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ import torch
 from torch import nn
 
 from dinokit import embedding
+from dinokit._types import Progress
 from dinokit.data.labeled import data_fingerprint
 from dinokit.data.transforms import preprocessing_config
-from dinokit.embedding import Embeddings, load_embeddings
+from dinokit.embedding import Embeddings, EmbedOptions, load_embeddings
 from dinokit.models.backbone import fingerprint
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ def cache_root() -> Path:
 def feature_cache_key(model: nn.Module, data_fp: str, *, features: str = "cls",
                       image_size: int | None = None) -> str:
     """Hex key for (model weights, data, preprocessing, feature kind)."""
-
     pre = preprocessing_config(model, image_size)
     payload = {
         "v": CACHE_VERSION,
@@ -56,26 +55,23 @@ def feature_cache_key(model: nn.Module, data_fp: str, *, features: str = "cls",
 def cached_embed(
     model: nn.Module,
     images: list[Path] | np.ndarray,
+    options: EmbedOptions | None = None,
     *,
-    features: str = "cls",
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    image_size: int | None = None,
     use_cache: bool = True,
     data_fp: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> Any:
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> Embeddings:
     """:func:`dinokit.embed` through the feature cache; returns an ``Embeddings``.
-
+    ``options`` (and keyword overrides of its fields) say how to embed, as for :func:`dinokit.embed`.
     A hit returns the stored features (and the stored list of skipped images) without running the
     model. ``use_cache=False`` neither reads nor writes the cache.
     """
-
+    opts = (options or EmbedOptions()).with_overrides(**overrides)
     path = None
     if use_cache:
-        key = feature_cache_key(model, data_fp or data_fingerprint(images), features=features,
-                                image_size=image_size)
+        key = feature_cache_key(model, data_fp or data_fingerprint(images), features=opts.features,
+                                image_size=opts.image_size)
         path = cache_root() / "features" / f"{key}.safetensors"
         if path.is_file():
             try:
@@ -85,8 +81,7 @@ def cached_embed(
                 return Embeddings(emb.features, emb.paths, skipped, emb.info)
             except (ValueError, OSError) as e:  # a damaged cache file is recomputed, not fatal
                 logger.warning("%s: unreadable cache entry, recomputing (%s)", path, e)
-    emb = embedding.embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
-                image_size=image_size, features=features, progress=progress)
+    emb = embedding.embed(model, images, opts, progress=progress)
     if path is not None:
         info = {**emb.info, "skipped": [list(s) for s in emb.skipped]}
         Embeddings(emb.features, emb.paths, [], info).save(path)
@@ -97,23 +92,18 @@ def cached_embed(
 def embed_labeled(
     model: nn.Module,
     data: Any,
+    options: EmbedOptions | None = None,
     *,
-    features: str = "cls",
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    num_workers: int | None = None,
-    image_size: int | None = None,
     use_cache: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
 ) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]]]:
     """Embed a :class:`~dinokit.data.labeled.LabeledData` (cached).
-
     Returns ``(features (M, D), labels (M,), skipped [(path, reason)])`` where the M rows are the
     images that could be read, in data set order.
     """
-    emb = cached_embed(model, data.images, features=features, batch_size=batch_size, device=device,
-                       num_workers=num_workers, image_size=image_size, use_cache=use_cache,
-                       data_fp=data.fingerprint(), progress=progress)
+    emb = cached_embed(model, data.images, options, use_cache=use_cache, data_fp=data.fingerprint(),
+                       progress=progress, **overrides)
     if isinstance(data.images, np.ndarray):
         keep = np.asarray([int(n) for n in emb.paths], dtype=np.int64)
     else:

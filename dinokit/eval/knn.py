@@ -532,7 +532,7 @@ def knn_classify(
     res = knn_classify_multi(train_features, train_labels, test_features, test_labels, ks=ks, T=T,
                              num_classes=num_classes, chunk_size=chunk_size, device=device, backend=backend,
                              precision=precision)
-    scores = {kk: {"top1": res[kk]["top1"], "top5": res[kk]["top5"]} for kk in ks}
+    scores: dict[Any, Any] = {kk: {"top1": res[kk]["top1"], "top5": res[kk]["top5"]} for kk in ks}
     return scores[ks[0]] if isinstance(k, (int, np.integer)) else scores
 
 

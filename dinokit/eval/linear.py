@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -37,9 +36,10 @@ from dinokit._io import atomic_path
 from dinokit._types import Progress
 from dinokit.data.images import ImageDataset, collate_skipping
 from dinokit.data.labeled import LabeledData, align_classes, resolve_labeled
+from dinokit.data.sources import ArrayDataset
 from dinokit.data.transforms import ensure_rgb, preprocessing_config
 from dinokit.devices import resolve_device
-from dinokit.embedding import compute_features, default_num_workers, embed, feature_dim
+from dinokit.embedding import EmbedOptions, compute_features, default_num_workers, embed, feature_dim
 from dinokit.eval.cache import embed_labeled
 from dinokit.eval.knn import _metrics, rank_classes
 from dinokit.hub import load
@@ -55,11 +55,9 @@ FAST_LRS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
 
 class LinearHead(nn.Module):
     """A linear classifier on frozen features: ``forward(features (B, D)) -> logits (B, C)``.
-
     ``classes`` names the outputs; ``features`` is the feature kind it was trained on (``cls``,
     ``last4``, ``cls+avgpool``, ...), so :func:`classify` can extract the same features again.
     """
-
     def __init__(self, in_dim: int, num_classes: int, classes: Sequence[str] | None = None,
                  features: str = "cls", info: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -128,7 +126,6 @@ class LinearHead(nn.Module):
 def head_from_official(checkpoint: str | os.PathLike[str] | dict[str, Any], features: str = "last4",
                        classes: Sequence[str] | None = None) -> LinearHead:
     """A :class:`LinearHead` from DINO's published linear weights (``*_linearweights.pth``).
-
     The official file holds ``{"state_dict": {"module.linear.weight", "module.linear.bias"}, ...}``.
     With ``features="cls+avgpool"`` the official code interleaves the features (cls_0, avg_0, cls_1,
     avg_1, ...) while dinokit concatenates them (cls..., avg...), so the weight columns are
@@ -176,7 +173,6 @@ def default_features(model: nn.Module) -> str:
 @dataclass
 class LinearProbeResult:
     """The trained head and its scores on the val set (percent)."""
-
     head: LinearHead
     top1: float
     top5: float
@@ -213,7 +209,6 @@ def _train_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequen
                  batch_size: int, seed: int, progress: Progress | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """SGD (momentum 0.9, no wd, cosine to 0 per iteration) of one linear head per lr, all at once.
-
     x (N, D), y (N,). Returns weights (L, C, D) and biases (L, C). The heads are one wide layer
     (L*C outputs, one matmul); each head's softmax cross-entropy gradient is written by hand, and
     its update uses its own lr (torch.optim.SGD semantics: buf = 0.9 buf + g; w -= lr * buf).
@@ -265,7 +260,6 @@ def fit_linear(
     progress: Progress | None = None,
 ) -> tuple[LinearHead, dict[str, Any]]:
     """Fast linear probe on frozen features (N, D) with int labels (N,): no augmentation.
-
     ``lr``: one value (used as is) or several (default :data:`FAST_LRS`, scaled by batch / 256 like
     the official lr) trained at once; the best on a ``holdout`` fraction of the train set (stratified
     by nothing, just a seeded random split) is retrained on everything. Returns the head and a
@@ -331,21 +325,6 @@ def _fit(x: torch.Tensor, y: torch.Tensor, c: int, lrs: list[float], classes: Se
 # ------------------------------------------------------------------------------------------ official
 
 
-class _AugmentedArray(torch.utils.data.Dataset):
-    """uint8 images (N, H, W[, 3]) -> (train-augmented tensor, index)."""
-
-    def __init__(self, array: np.ndarray, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.array, self.transform = array, transform
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-
-        a = self.array[index]
-        return self.transform(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)), index
-
-
 def train_transform(model: nn.Module, image_size: int | None = None) -> Callable[[Any], torch.Tensor]:
     """Official linear-eval train augmentation: RandomResizedCrop(S) + horizontal flip + normalize."""
 
@@ -365,7 +344,7 @@ def _train_official(model: nn.Module, data: Any, head: LinearHead, *, epochs: in
                     progress: Progress | None) -> tuple[list[dict[str, float]], list[tuple[str, str]]]:
 
     tf = train_transform(model, image_size)
-    ds = _AugmentedArray(data.images, tf) if isinstance(data.images, np.ndarray) else ImageDataset(data.images, tf)
+    ds = ArrayDataset(data.images, tf) if isinstance(data.images, np.ndarray) else ImageDataset(data.images, tf)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                          collate_fn=collate_skipping, generator=g, drop_last=False,
@@ -423,7 +402,6 @@ def linear_probe(
     progress: Progress | None = None,
 ) -> LinearProbeResult:
     """Linear evaluation of a frozen backbone on a labeled train and val set.
-
     ``train`` / ``val``: a folder (``DIR/<class>/<image>``), a ``fashion-mnist[...]`` spec (train
     defaults to @train, val to @test) or a :class:`~dinokit.data.labeled.LabeledData`.
     ``fast=False``: the official protocol (augmented train images through the frozen backbone every
@@ -431,32 +409,28 @@ def linear_probe(
     augmentation (defaults epochs 30, lr sweep, batch 1024). ``features`` defaults to the official
     choice for the architecture (:func:`default_features`). Unreadable images are skipped.
     """
-
     if isinstance(model, str):
-
         model = load(model)
     tr = train if isinstance(train, LabeledData) else resolve_labeled(train, "train")
     va = align_classes(tr, val if isinstance(val, LabeledData) else resolve_labeled(val, "test"))
     kind = features or default_features(model)
     dev = resolve_device(device)
-    emb_kw = dict(features=kind, batch_size=batch_size or 64, device=dev, num_workers=num_workers,
-                  image_size=image_size, use_cache=use_cache)
-    xva, yva, skipped_va = embed_labeled(model, va, **emb_kw)
+    opts = EmbedOptions(features=kind, batch_size=batch_size or 64, device=dev, num_workers=num_workers,
+                        image_size=image_size)
+    xva, yva, skipped_va = embed_labeled(model, va, opts, use_cache=use_cache)
     ident: dict[str, Any] = {}
     try:
-
         i = identity(model)
         ident = {"model": i["name"], "arch": i["arch"], "fingerprint": i["fingerprint"]}
     except Exception as e:  # a bare nn.Module: the head still works
         logger.debug("no model identity: %s", e)
     if fast:
-        xtr, ytr, skipped_tr = embed_labeled(model, tr, **emb_kw)
+        xtr, ytr, skipped_tr = embed_labeled(model, tr, opts, use_cache=use_cache)
         head, settings = fit_linear(xtr, ytr, num_classes=len(tr.classes), classes=tr.classes, feature_kind=kind,
                                     epochs=epochs or 30, lr=lr, batch_size=batch_size or 1024, seed=seed,
                                     progress=progress)
         history: list[dict[str, float]] = []
     else:
-
         torch.manual_seed(seed)
         head = LinearHead(feature_dim(model, kind), len(tr.classes), tr.classes, kind)
         lr0 = float(lr if isinstance(lr, (int, float)) else 0.001)
@@ -479,10 +453,8 @@ def classify(model: nn.Module, head: LinearHead, images: Any, *, topk: int = 1, 
              device: str | torch.device | None = None, num_workers: int | None = None,
              progress: Progress | None = None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Predict classes for images (paths, folder or uint8 array) with a trained head.
-
     Returns ``([{"path", "label", "prob", "topk": [(label, prob), ...]}], skipped)``.
     """
-
     emb = embed(model, images, batch_size=batch_size, device=device, num_workers=num_workers,
                 features=head.features, progress=progress)
     if emb.features.shape[1:].numel() != head.in_dim:

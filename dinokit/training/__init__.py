@@ -1,4 +1,9 @@
-"""DINO training: config, loss, schedules, EMA, optimizer pieces, data, checkpoints and the loop.
+"""DINO training, one concept per module.
 
-The public function is :func:`dinokit.train` (defined in :mod:`dinokit.training.loop`).
+config (TrainConfig), loss (DINOLoss), schedules, ema, optim (parameter groups, clipping, freeze),
+data (multi-crop batches), models (student/teacher), precision (fp32/bf16 choice), state
+(TrainState and ``step``), checkpoint (Checkpointer), runlog (RunLog), stop (StopPolicy),
+callbacks (epoch-end callbacks) and loop (``train()``, the wiring). Nothing here imports
+:mod:`dinokit.eval`: the k-NN monitor (:mod:`dinokit.eval.monitor`) is passed in as a callback.
+The public function is :func:`dinokit.train`.
 """

@@ -13,13 +13,20 @@ import logging
 import os
 import random
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from dinokit._io import atomic_path
+from dinokit.hub import read_checkpoint
+from dinokit.training.config import TrainConfig
+from dinokit.training.models import checkpoint_backbone_config
+
+if TYPE_CHECKING:  # state.py imports the loop's pieces; only its type is needed here
+    from dinokit.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,7 @@ def epoch_checkpoint_name(epoch: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """torch CPU/CUDA states as tensors, numpy and python states as plain lists (weights_only-safe)."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # the legacy tuple form
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -96,10 +103,101 @@ def _to_cpu(obj: Any) -> Any:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a training checkpoint safely; raise ValueError("PATH: reason") when it is not one."""
-    from dinokit.hub import read_checkpoint
-
     ckpt = read_checkpoint(path)
     missing = [k for k in ("student", "teacher", "optimizer", "iteration", "dino_loss", "config") if k not in ckpt]
     if not isinstance(ckpt, dict) or missing:
         raise ValueError(f"{path}: not a dinokit training checkpoint (missing {', '.join(missing)})")
     return ckpt
+
+
+# keys that may change between a run and its resume (they do not change the maths)
+RESUME_FREE = ("max_iterations", "max_minutes", "knn", "log_every", "checkpoint_every", "saveckp_freq",
+               "num_threads", "device", "compile", "data.num_workers")
+
+
+class Checkpointer:
+    """The checkpoints of one run folder: checkpoint.pth (and checkpoint_EPOCH.pth), resume checks.
+
+    Every process reads; only the one with ``enabled`` (rank 0) writes. Writes are atomic.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], cfg: TrainConfig, enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / CHECKPOINT_NAME
+        self.cfg, self.enabled = cfg, enabled
+        self.last_saved = -1  # iteration of the last write by this process
+        self._backbone_config: dict[str, Any] | None = None
+
+    def open(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to continue from (its config checked against ours), or None for a new run.
+
+        A new run never overwrites an old one: ValueError when the folder already holds a checkpoint.
+        """
+        if resume and self.path.is_file():
+            ckpt = load_checkpoint(self.path)
+            check_resume_compatible(TrainConfig.from_json(ckpt["config"]), self.cfg, self.path)
+            return ckpt
+        if resume:
+            log.warning("%s: no checkpoint to resume from; starting a new run", self.path)
+        elif self.path.is_file():
+            raise ValueError(f"{self.path}: the run folder already holds a run; continue it with resume=True "
+                             "(--resume) or choose another output folder")
+        return None
+
+    def restore(self, state: TrainState, ckpt: Mapping[str, Any]) -> float:
+        """Load networks, optimizer, center, RNG and iteration into ``state``; returns the training seconds so far.
+
+        The precision and fp16 scaler state are read by the caller (``ckpt["precision"]``, ``["fp16_scaler"]``).
+        """
+        state.student.load_state_dict(ckpt["student"])
+        state.teacher.load_state_dict(ckpt["teacher"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.loss_fn.center.copy_(ckpt["dino_loss"]["center"].to(state.device))
+        set_rng_state(ckpt["rng"])
+        state.iteration = int(ckpt["iteration"])
+        self.last_saved = state.iteration
+        log.info("resumed %s at iteration %d (epoch %d)", self.path, state.iteration,
+                 state.iteration // state.iterations_per_epoch)
+        return float(ckpt.get("time_s", 0.0))
+
+    def save(self, state: TrainState, elapsed_s: float) -> None:
+        """Write checkpoint.pth, and checkpoint_EPOCH.pth at every ``saveckp_freq``-th epoch end."""
+        it = state.iteration
+        self.last_saved = it
+        if not self.enabled:
+            return
+        if self._backbone_config is None:
+            self._backbone_config = checkpoint_backbone_config(state.teacher.backbone)
+        epoch = it // state.iterations_per_epoch
+        ck = make_checkpoint(
+            student=state.student, teacher=state.teacher, optimizer=state.optimizer, epoch=epoch, iteration=it,
+            center=state.loss_fn.center, config_json=self.cfg.to_json(), backbone_config=self._backbone_config,
+            scaler=state.scaler, precision=state.precision, time_s=elapsed_s)
+        atomic_torch_save(ck, self.path)
+        freq = self.cfg.saveckp_freq
+        if freq and it % state.iterations_per_epoch == 0 and epoch % freq == 0:
+            atomic_torch_save(ck, self.run_dir / epoch_checkpoint_name(epoch))
+
+    def last_good(self) -> str:
+        """Where the last good checkpoint is, for error messages."""
+        return str(self.path) if self.path.is_file() else "none written yet"
+
+
+def check_resume_compatible(old: TrainConfig, new: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """ValueError naming the keys when ``new`` changes the maths of the run ``old`` started."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)]
+    if diff:
+        raise ValueError(f"{path}: the run was started with a different config ({', '.join(diff[:5])}); "
+                         "resume with the same recipe (only limits, logging, k-NN and device settings may change)")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model_args":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -235,7 +235,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, key + ".", source)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
