@@ -393,6 +393,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every mode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="split each step by stage")
+    ap.add_argument("--log-runs", help="append every worker's JSON result to this file as soon as it ends")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -415,6 +416,9 @@ def main() -> None:
             if out.returncode:
                 raise SystemExit(f"worker {m} failed:\n{out.stderr[-3000:]}")
             runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if args.log_runs:
+                with open(args.log_runs, "a") as f:
+                    f.write(json.dumps(runs[m][-1]) + "\n")
     rows = summarize(modes, runs)
     ratios = _ratios(modes, runs, modes[0])
     for r in rows:
