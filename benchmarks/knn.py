@@ -14,7 +14,7 @@ Methods, all timed in this one process, back to back, best of ``--repeat`` (the 
 - ``scikit-learn``: ``KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute")``,
   fit + predict for each k (its vote weights are 1/distance, so only its time is comparable).
 
-- ``dinokit fp32, torch.topk``: the fp32 path with ``torch.topk`` instead of the fused numba selection
+- ``dinokit fp32 torch.topk``: the fp32 path with ``torch.topk`` instead of the fused numba selection
   (what the fp32 path ran before; for the record).
 
 The floor: the similarity matmul's FLOPs, 2 x 60,000 x 10,000 x 384 = 460.8 GFLOP, at the fp32 GEMM
@@ -158,7 +158,7 @@ def main() -> None:
         "dinokit": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS),
         "official-style": lambda: official_style(xtr, ytr, xte, yte, KS),
         "dinokit fp32": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, precision="fp32"),
-        "dinokit fp32, torch.topk": lambda: _without_fused(
+        "dinokit fp32 torch.topk": lambda: _without_fused(
             lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, precision="fp32")),
         "dinokit faiss": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, backend="faiss"),
     }
