@@ -22,6 +22,7 @@ What this module adds around the official code, so that it runs in one CPU proce
 from __future__ import annotations
 
 import importlib
+import itertools
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -146,6 +147,7 @@ class TimedLoader:
     def __init__(self, batches: list[list[torch.Tensor]]) -> None:
         self.batches = batches
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []  # process CPU seconds (all threads) at the same moments
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -155,11 +157,14 @@ class TimedLoader:
 
         for crops in self.batches:
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
             yield crops, None
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
 
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+    def step_times(self, cpu: bool = False) -> list[float]:
+        s = self.cpu_stamps if cpu else self.stamps
+        return [b - a for a, b in itertools.pairwise(s)]
 
 
 def train_epoch(off: Official, parts: dict[str, Any], loader: TimedLoader, epoch: int = 1) -> dict[str, Any]:

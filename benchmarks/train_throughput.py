@@ -158,7 +158,7 @@ def run_official(config: str, iters: int, repo: str, profile: bool) -> dict[str,
         with _machine.peak_around(out):
             official_dino.train_epoch(off, parts, loader)
         watch.on = False
-    out["step_s"] = loader.step_times()
+    out["step_s"], out["step_cpu_s"] = loader.step_times(), loader.step_times(cpu=True)
     if profile:
         watch.spent["other"] = sum(out["step_s"]) - sum(watch.spent.values())  # EMA loop + logging
         out["stages_s"] = {k: v / iters for k, v in watch.spent.items()}
@@ -212,15 +212,16 @@ def run_dinokit(config: str, mode: str, iters: int, profile: bool) -> dict[str, 
     if profile and mode != "official-reimpl":
         _instrument_dinokit(run, watch)
     _, out["step_flops"] = _machine.count_flops(lambda: run(batches[0]))
-    times = []
+    times, cpu = [], []
     watch.on = True
     with _machine.peak_around(out):
         for crops in batches[1:]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(crops)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     watch.on = False
-    out["step_s"] = times
+    out["step_s"], out["step_cpu_s"] = times, cpu
     if profile:
         watch.spent["other"] = sum(times) - sum(watch.spent.values())
         out["stages_s"] = {k: v / iters for k, v in watch.spent.items()}
@@ -354,10 +355,11 @@ def summarize(modes: list[str], runs: dict[str, list[dict[str, Any]]]) -> list[d
         rs = runs[m]
         aug = statistics.median(t for r in rs for t in r["aug_s"])
         step = statistics.median(t for r in rs for t in r["step_s"])
+        step_cpu = statistics.median(t for r in rs for t in r["step_cpu_s"])
         pct = [100 * flops / t / (r["gemm_gflops"] * 1e9) for r in rs for t in r["step_s"]]
         rows.append({"mode": m, "label": LABELS[m], "precision": rs[0].get("precision", "fp32"),
                      "aug_s_per_batch": aug, "model_s_per_batch": step, "images_per_s": rs[0]["batch"] / (aug + step),
-                     "model_images_per_s": rs[0]["batch"] / step, "step_gflop": flops / 1e9,
+                     "model_images_per_s": rs[0]["batch"] / step, "step_cpu_s": step_cpu, "step_gflop": flops / 1e9,
                      "counted_gflop": rs[0]["step_flops"] / 1e9, "model_gflops": flops / step / 1e9,
                      "gemm_gflops": statistics.median(r["gemm_gflops"] for r in rs),
                      "pct_gemm_peak": statistics.median(pct),
@@ -436,13 +438,14 @@ def _print_tables(args: argparse.Namespace, rows: list[dict[str, Any]], info: di
           f"load avg {info['load_avg_1min']:.1f}; baseline of the ratios: {LABELS[base]}")
     print(f"\n| config | mode | precision | aug s/batch | step s/batch | img/s (aug+step) | step img/s | "
           f"x {base} (step, per round) | x {base} (aug+step) | step GFLOP | GFLOP/s | fp32 GEMM peak GFLOP/s | "
-          "% of peak | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "% of peak | step CPU-s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {args.config} | {r['label']} | {r['precision']} | {r['aug_s_per_batch']:.3f} | "
               f"{r['model_s_per_batch']:.3f} | {r['images_per_s']:.1f} | {r['model_images_per_s']:.1f} | "
               f"{r['x_baseline_model']:.2f} | {r['x_baseline_total']:.2f} | {r['step_gflop']:.0f} | "
-              f"{r['model_gflops']:.0f} | {r['gemm_gflops']:.0f} | {r['pct_gemm_peak']:.0f}% | {r['peak_rss_mb']:.0f} |")
+              f"{r['model_gflops']:.0f} | {r['gemm_gflops']:.0f} | {r['pct_gemm_peak']:.0f}% | {r['step_cpu_s']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} |")
     if rows[0]["stages_s"] is None:
         return
     print("\nStep by stage (s per step, mean over the timed steps of every round):\n")
