@@ -216,10 +216,12 @@ def _report(args, best, cpu, floor_x, results, peaks, flop, run_dinokit) -> None
         top1 = {k: results[name][k]["top1"] for k in KS}
         same = all(abs(top1[k] - official[k][0]) < 1e-9 and abs(results[name][k]["top5"] - official[k][1]) < 1e-9
                    for k in KS)
-        print(f"{name:26s} {best[name]:7.2f} s (cpu {cpu[name]:6.2f} s, {floor_x[name]:.2f}x the floor)  top-1 "
+        print(f"{name:26s} {best[name]:7.2f} s (cpu {cpu[name]:6.2f} s, {floor_x[name]:.2f}x the floor = "
+              f"{100 / floor_x[name]:.0f}% of the fp32 GEMM peak)  top-1 "
               f"{top1}  same top-1 and top-5 as official: {same}")
     print(f"{'official-style':26s} {best['official-style']:7.2f} s (cpu {cpu['official-style']:6.2f} s, "
-          f"{floor_x['official-style']:.2f}x the floor)  top-1 { {k: v[0] for k, v in official.items()} }")
+          f"{floor_x['official-style']:.2f}x the floor = {100 / floor_x['official-style']:.0f}% of the fp32 GEMM peak)"
+          f"  top-1 { {k: v[0] for k, v in official.items()} }")
     if "scikit-learn" in best:
         print(f"{'scikit-learn':26s} {best['scikit-learn']:7.2f} s  top-1 (1/distance vote) {results['scikit-learn']}")
     for name in best:
