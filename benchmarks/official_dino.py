@@ -57,9 +57,19 @@ def load(repo: str | Path) -> Official:
     for mod in (main_dino, utils, vits):  # the snapshot's modules, not a same-named installed one
         if Path(mod.__file__).resolve().parent != root:
             raise ImportError(f"{mod.__name__} was imported from {mod.__file__}, not from {root}")
+    return Official(main_dino, utils, vits, _commit(root))
+
+
+def _commit(root: Path) -> str:
+    """The snapshot's commit where it is a git checkout (``.git/HEAD`` or the ref it names)."""
     head = root / ".git" / "HEAD"
-    commit = head.read_text().strip() if head.is_file() else "snapshot (no .git)"
-    return Official(main_dino, utils, vits, commit)
+    if not head.is_file():
+        return "snapshot without .git"
+    text = head.read_text().strip()
+    if text.startswith("ref:"):
+        ref = root / ".git" / text.split(None, 1)[1]
+        return ref.read_text().strip() if ref.is_file() else text
+    return text
 
 
 @contextmanager
