@@ -14,6 +14,14 @@ Methods, all timed in this one process, back to back, best of ``--repeat`` (the 
 - ``scikit-learn``: ``KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute")``,
   fit + predict for each k (its vote weights are 1/distance, so only its time is comparable).
 
+- ``dinokit fp32 torch.topk``: the fp32 path with ``torch.topk`` instead of the fused numba selection
+  (what the fp32 path ran before; for the record).
+
+The floor: the similarity matmul's FLOPs, 2 x 60,000 x 10,000 x 384 = 460.8 GFLOP, at the fp32 GEMM
+peak (``torch.matmul`` 4096^3, the same threads) measured in this process at the start of every round;
+each method's time is printed as a multiple of the floor of its own round. (On CPUs with native bf16
+the certified bf16 search can go below the fp32 floor: its matmul runs at the bf16 peak.)
+
 ``--profile`` also prints where one dinokit search spends its time, stage by stage.
 
 Run: ``.venv/bin/python benchmarks/knn.py [--repeat 3] [--no-sklearn] [--profile]``
@@ -24,11 +32,13 @@ from __future__ import annotations
 import argparse
 import time
 
+import _machine
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dinokit.data.fashion_mnist import load_fashion_mnist
+from dinokit.devices import cpu_has_native_bf16
 from dinokit.eval import knn as knn_module
 from dinokit.eval.knn import knn_classify_multi
 
@@ -128,48 +138,94 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--methods", default="", help="comma list of method names to run (default: all)")
     ap.add_argument("--profile", action="store_true", help="time each stage of one dinokit search")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xtr, ytr, xte, yte = make_features()
+    info = _machine.machine_info(args.threads)
+    print(f"{info['utc']} UTC, {info['cpu']} ({info['flags']}), torch {info['torch']}, load avg "
+          f"{info['load_avg_1min']:.1f}")
     print(f"train {tuple(xtr.shape)}, test {tuple(xte.shape)}, k {KS}, threads {args.threads}")
+    flop = 2.0 * xtr.shape[0] * xte.shape[0] * xtr.shape[1]
 
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}
+    floor_x: dict[str, float] = {}
     results: dict[str, dict] = {}
+    peaks: list[float] = []
     methods = {
         "dinokit": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS),
         "official-style": lambda: official_style(xtr, ytr, xte, yte, KS),
         "dinokit fp32": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, precision="fp32"),
+        "dinokit fp32 torch.topk": lambda: _without_fused(
+            lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, precision="fp32")),
         "dinokit faiss": lambda: knn_classify_multi(xtr, ytr, xte, yte, ks=KS, backend="faiss"),
     }
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods.split(",") or k == "official-style"}
     t = time.perf_counter()
-    knn_classify_multi(xtr[:8192], ytr[:8192], xte[:64], yte[:64], ks=KS, precision="bf16")
-    print(f"first call (loads or compiles the numba selection kernel): {time.perf_counter() - t:.2f} s")
+    knn_classify_multi(xtr[:8192], ytr[:8192], xte[:64], yte[:64], ks=KS, precision="fp32")
+    if cpu_has_native_bf16():
+        knn_classify_multi(xtr[:8192], ytr[:8192], xte[:64], yte[:64], ks=KS, precision="bf16")
+    print(f"first calls (load or compile the numba selection kernels): {time.perf_counter() - t:.2f} s")
     for _ in range(args.repeat):  # interleaved, so a noisy neighbour hurts every method alike
+        peak = _machine.gemm_gflops()  # this round's fp32 GEMM peak, next to its figures
+        peaks.append(peak)
+        floor = flop / (peak * 1e9)
         for name, fn in methods.items():
             dt, res = timed(fn)
             best[name] = min(best.get(name, float("inf")), dt)
             cpu[name] = min(cpu.get(name, float("inf")), timed.cpu)
+            floor_x[name] = min(floor_x.get(name, float("inf")), dt / floor)
             results[name] = res
     if not args.no_sklearn:
         best["scikit-learn"], results["scikit-learn"] = timed(sklearn_knn, xtr.numpy(), ytr.numpy(), xte.numpy(),
                                                               yte.numpy(), KS)
+    _report(args, best, cpu, floor_x, results, peaks, flop, methods.get("dinokit"))
 
-    if args.profile:
-        spent = profile_stages(methods["dinokit"])
+
+def _without_fused(run):
+    """Run ``run()`` with the numba selection kernels disabled (torch.topk / torch selection)."""
+    from dinokit.eval import _topk_cpu
+
+    saved = _topk_cpu.nb
+    _topk_cpu.nb = None
+    try:
+        return run()
+    finally:
+        _topk_cpu.nb = saved
+
+
+def _report(args, best, cpu, floor_x, results, peaks, flop, run_dinokit) -> None:
+    if args.profile and run_dinokit is not None:
+        spent = profile_stages(run_dinokit)
         print("dinokit stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in spent.items()))
+    lo, hi = min(peaks), max(peaks)
+    print(f"fp32 GEMM peak (torch.matmul 4096^3, {args.threads} threads), per round: "
+          + ", ".join(f"{p:.0f}" for p in peaks) + " GFLOP/s")
+    print(f"floor: {flop / 1e9:.1f} GFLOP similarity matmul at that peak = {flop / hi / 1e9:.2f}-"
+          f"{flop / lo / 1e9:.2f} s")
+    if cpu_has_native_bf16():
+        bf = _machine.gemm_gflops(dtype=torch.bfloat16)
+        print(f"(bf16 GEMM peak now: {bf:.0f} GFLOP/s; the same matmul in bf16: {flop / bf / 1e9:.2f} s)")
     official = results["official-style"]
-    for name in ("dinokit", "dinokit fp32", "dinokit faiss"):
-        top1 = {k: results[name][k]["top1"] for k in KS}
-        same = all(abs(top1[k] - official[k][0]) < 1e-9 for k in KS)
-        print(f"{name:15s} {best[name]:7.2f} s (cpu {cpu[name]:6.2f} s)  top-1 {top1}  same top-1 as official: {same}")
-    print(f"{'official-style':15s} {best['official-style']:7.2f} s (cpu {cpu['official-style']:6.2f} s)  "
-          f"top-1 { {k: v[0] for k, v in official.items()} }")
-    if "scikit-learn" in best:
-        print(f"{'scikit-learn':15s} {best['scikit-learn']:7.2f} s  top-1 (1/distance vote) {results['scikit-learn']}")
     for name in best:
-        if name != "dinokit":
+        if name in ("official-style", "scikit-learn"):
+            continue
+        top1 = {k: results[name][k]["top1"] for k in KS}
+        same = all(abs(top1[k] - official[k][0]) < 1e-9 and abs(results[name][k]["top5"] - official[k][1]) < 1e-9
+                   for k in KS)
+        print(f"{name:26s} {best[name]:7.2f} s (cpu {cpu[name]:6.2f} s, {floor_x[name]:.2f}x the floor = "
+              f"{100 / floor_x[name]:.0f}% of the fp32 GEMM peak)  top-1 "
+              f"{top1}  same top-1 and top-5 as official: {same}")
+    print(f"{'official-style':26s} {best['official-style']:7.2f} s (cpu {cpu['official-style']:6.2f} s, "
+          f"{floor_x['official-style']:.2f}x the floor = {100 / floor_x['official-style']:.0f}% of the fp32 GEMM peak)"
+          f"  top-1 { {k: v[0] for k, v in official.items()} }")
+    if "scikit-learn" in best:
+        print(f"{'scikit-learn':26s} {best['scikit-learn']:7.2f} s  top-1 (1/distance vote) {results['scikit-learn']}")
+    for name in best:
+        if name != "dinokit" and "dinokit" in best:
             extra = f" (cpu time {cpu[name] / cpu['dinokit']:.1f}x)" if name in cpu else ""
             print(f"dinokit is {best[name] / best['dinokit']:.1f}x faster than {name}{extra}")
 

@@ -263,3 +263,35 @@ def test_knn_classify_accepts_a_list_of_k() -> None:
     assert set(many) == {5, 20}
     for k in (5, 20):  # one search for all k gives each k's own result
         assert many[k] == knn_classify(xtr, ytr, xte, yte, k=k, T=0.07)
+
+
+@pytest.mark.parametrize("n", [32 * 30, 32 * 30 + 7])  # whole groups, and a ragged tail of 7 columns
+def test_fused_fp32_topk_is_exact_with_index_ties(n: int) -> None:
+    from dinokit.eval import _topk_cpu
+    from dinokit.eval.knn import _exact_topk, _torch_topk
+
+    if not _topk_cpu.available():
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(4)
+    q, k = 12, 30
+    x = rng.normal(size=(q, n)).astype(np.float32)
+    x[1] = np.round(x[1] * 2) / 2  # many exact ties at the k-th value: the smaller columns must win
+    x[2] = 0.25  # one value everywhere: more ties than the kernel's buffer (torch fallback)
+    x[3] = -np.abs(x[3]) - 0.5
+    x[3, ::20], x[3, 1::20] = -0.0, 0.0  # the top values are 96 zeros of both signs: equal, index order
+    x[4, 5] = np.nan  # NaN row: torch fallback
+    x[5, -3:] = 9.0  # the best values sit in the last columns (the ragged tail when n % 32 != 0)
+    x[6] = -np.abs(x[6]) - 1  # all negative
+    sims = torch.from_numpy(x)
+    ok = _topk_cpu.fp32_topk(sims, k, 32)[2]
+    assert ok.tolist() == [i not in (2, 4) for i in range(q)]
+    v, i = _exact_topk(sims, k)
+    for r in range(q):
+        if r == 4:
+            continue
+        order = np.lexsort((np.arange(n), -x[r].astype(np.float64)))[:k]  # value desc, column asc
+        assert i[r].tolist() == order.tolist(), r
+        assert torch.equal(v[r], torch.from_numpy(x[r, order]) + 0.0), r
+    _, ti = _torch_topk(sims[[4]], k)
+    assert torch.equal(i[4], ti[0])
+    assert i[5, :3].tolist() == [n - 3, n - 2, n - 1]

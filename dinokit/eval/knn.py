@@ -112,7 +112,10 @@ def _sort_desc(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tenso
     bits = v.view(torch.int32).to(torch.int64)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int ordered like the float
     key = ((2**31 - 1 - ordered) << 31) | indices  # ascending key = value desc, index asc
-    key = key.sort(dim=1).values
+    if key.device.type == "cpu":  # numpy's vectorized sort (AVX-512/AVX2): 10x torch.sort on 200-wide rows
+        key = torch.from_numpy(np.sort(key.numpy(), axis=1))
+    else:
+        key = key.sort(dim=1).values
     ordered = 2**31 - 1 - (key >> 31)
     bits = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(torch.int32)
     return bits.view(torch.float32), key & (2**31 - 1)
@@ -133,6 +136,20 @@ def _exact_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     if k >= n:
         idx = torch.arange(n, device=sims.device).expand(sims.shape[0], n)
         return _sort_desc(sims, idx.contiguous())
+    if sims.device.type == "cpu" and sims.dtype == torch.float32 and n >= k * _GROUP_CPU:
+        from dinokit.eval import _topk_cpu  # imports numba: only when a large CPU search runs
+
+        if _topk_cpu.available():  # one read of the block instead of torch.topk's (3x faster at k=200)
+            v, i, ok = _topk_cpu.fp32_topk(sims.contiguous(), k, _GROUP_CPU)  # sorted rows
+            bad = (~ok).nonzero().flatten()
+            if bad.numel():  # NaN or massive ties: the torch path below for those rows
+                v[bad], i[bad] = _torch_topk(sims[bad], k)
+            return v, i
+    return _torch_topk(sims, k)
+
+
+def _torch_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_exact_topk`` with ``torch.topk`` (any device); ``k`` < N."""
     v, i = sims.topk(k + 1, dim=1)
     v, i = _sort_desc(v, i)
     # A row whose k-th and (k+1)-th values tie may have dropped a smaller index: redo it by hand.
