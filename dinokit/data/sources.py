@@ -90,17 +90,7 @@ def read_image(location: Location, key: str) -> Image.Image:
     """Decode the image at ``location`` to RGB; :class:`ImageError` naming ``key`` when it cannot be used."""
     if isinstance(location, str):
         return load_rgb(location)
-    if location.size == 0:
-        raise ImageError(key, "empty file")
-    try:
-        with open(location.tar, "rb") as f:
-            # pread-style access: no shared file offset, so worker processes never interfere.
-            data = os.pread(f.fileno(), location.size, location.offset)
-    except OSError as e:
-        raise ImageError(key, f"cannot read tar ({e.strerror or e})") from e
-    if len(data) < location.size:
-        raise ImageError(key, f"truncated tar member ({len(data)} of {location.size} bytes)")
-    return decode_rgb(io.BytesIO(data), key)
+    return decode_rgb(io.BytesIO(read_bytes(location, key)), key)
 
 
 class SourceDataset(torch.utils.data.Dataset):
@@ -343,6 +333,7 @@ def read_bytes(location: Location, key: str) -> bytes:
     else:
         try:
             with open(location.tar, "rb") as f:
+                # pread-style access: no shared file offset, so worker processes never interfere.
                 data = os.pread(f.fileno(), location.size, location.offset)
         except OSError as e:
             raise ImageError(key, f"cannot read tar ({e.strerror or e})") from e
