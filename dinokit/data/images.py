@@ -7,9 +7,10 @@ drops from the batch and hands back to the caller, who reports it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from struct import error as struct_error
@@ -272,17 +273,8 @@ def _check_pixels(path: str | os.PathLike[str], size: tuple[int, int], max_pixel
 def _check_header(path: str | os.PathLike[str], max_pixels: int | None) -> None:
     """Read only the header: ImageError when the file is not an image or has too many pixels."""
     _allow_pixels(max_pixels)
-    try:
-        with Image.open(path) as im:
-            _check_pixels(path, im.size, max_pixels)
-    except ImageError:
-        raise
-    except Image.UnidentifiedImageError as e:
-        raise ImageError(path, "not an image (unknown format)") from e
-    except Image.DecompressionBombError as e:
-        raise ImageError(path, f"too large ({str(e).rstrip('.')}; raise max_pixels to allow it)") from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        raise ImageError(path, f"corrupt image ({type(e).__name__}: {str(e).strip()[:120]})") from e
+    with _decode_errors(path), Image.open(path) as im:
+        _check_pixels(path, im.size, max_pixels)
 
 
 def load_rgb(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -315,12 +307,18 @@ def decode_rgb(source: str | os.PathLike[str] | BinaryIO, name: str | os.PathLik
     does; errors are :class:`ImageError` naming ``name``."""
     path = name
     _allow_pixels(max_pixels)
+    with _decode_errors(path), Image.open(source) as im:
+        _check_pixels(path, im.size, max_pixels)
+        im.load()  # decode now: truncated and corrupt data fail here, not later in a worker
+        upright = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
+        return to_rgb(upright)
+
+
+@contextlib.contextmanager
+def _decode_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn what Pillow raises on a bad file (many exception types) into one :class:`ImageError`."""
     try:
-        with Image.open(source) as im:
-            _check_pixels(path, im.size, max_pixels)
-            im.load()  # decode now: truncated and corrupt data fail here, not later in a worker
-            upright = ImageOps.exif_transpose(im)  # returns a copy, valid after the file is closed
-            return to_rgb(upright)
+        yield
     except ImageError:
         raise
     except Image.UnidentifiedImageError as e:
