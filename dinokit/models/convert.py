@@ -242,6 +242,17 @@ def hf_vit_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def split_qkv_to_hf(layer: str, rest: str, v: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
+    """Block ``layer``'s fused ``attn.qkv.{weight,bias}`` (``rest``) -> HF's separate query / key /
+    value entries in ``out``; False (nothing written) for any other tensor."""
+    if not rest.startswith("attn.qkv."):
+        return False
+    kind = rest.rsplit(".", 1)[1]
+    for name, t in zip(("query", "key", "value"), v.chunk(3, dim=0), strict=True):
+        out[f"encoder.layer.{layer}.attention.attention.{name}.{kind}"] = t.clone()
+    return True
+
+
 def timm_vit_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`hf_vit_to_timm` (timm ViT -> HF ViTModel keys, without pooler)."""
     top = {v: k for k, v in _HF_TOP_MAP.items()}
@@ -254,11 +265,7 @@ def timm_vit_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if m is None:
             raise KeyError(f"{k}: no HF ViT equivalent")
         i, rest = m.group(1), m.group(2)
-        if rest.startswith("attn.qkv."):
-            kind = rest.rsplit(".", 1)[1]
-            q, kk, vv = v.chunk(3, dim=0)
-            for name, t in zip(("query", "key", "value"), (q, kk, vv), strict=True):
-                out[f"encoder.layer.{i}.attention.attention.{name}.{kind}"] = t.clone()
+        if split_qkv_to_hf(i, rest, v, out):
             continue
         for hf_name, timm_name in _HF_BLOCK_MAP.items():
             if rest.startswith(timm_name + "."):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from dinokit.models.convert import CheckpointError
+from dinokit.models.convert import CheckpointError, split_qkv_to_hf
 
 # How a ViT resizes its position table at another input size ("pos_embed_resize" in configs).
 POS_EMBED_OFFSET = "offset"  # official DINO v1 / DINOv2: bicubic, scale factor (n + 0.1) / M, no antialias
@@ -266,10 +266,7 @@ def official_dinov2_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         if m is None:
             raise KeyError(f"{k}: no HF Dinov2 equivalent")
         i, rest = m.group(1), m.group(2)
-        if rest.startswith("attn.qkv."):
-            kind = rest.rsplit(".", 1)[1]
-            for name, t in zip(("query", "key", "value"), v.chunk(3, dim=0), strict=True):
-                out[f"encoder.layer.{i}.attention.attention.{name}.{kind}"] = t.clone()
+        if split_qkv_to_hf(i, rest, v, out):
             continue
         if rest.endswith(".gamma"):
             out[f"encoder.layer.{i}.{block[rest]}"] = v
