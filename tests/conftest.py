@@ -50,6 +50,17 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS on one OpenMP thread (tiny indexes: more threads only spin-wait on 2 shared cores)."""
+    from dinokit.retrieval.kinds import faiss, set_num_threads
+
+    before = faiss.omp_get_max_threads()
+    set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_tiny_vit()
 

@@ -13,18 +13,12 @@ from PIL import Image
 import dinokit
 from dinokit.data.images import ImageError
 from dinokit.retrieval.index import Index, ModelMismatchError
-from dinokit.retrieval.kinds import choose_kind, set_num_threads
+from dinokit.retrieval.kinds import choose_kind
+
+# tiny indexes: OpenMP threads only add spin-waiting on the shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    # tiny indexes: OpenMP threads only add spin-waiting on the shared 2-core machine
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def clustered(n: int, d: int = 32, sub: int = 8, n_clusters: int = 100, seed: int = 0) -> np.ndarray:

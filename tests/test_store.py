@@ -18,19 +18,15 @@ from typer.testing import CliRunner
 
 from dinokit.cli import app
 from dinokit.retrieval.index import Index
-from dinokit.retrieval.kinds import set_num_threads
 from tests.store_worker import DIM, vector_for
+
+# tiny indexes: OpenMP threads only add spin-waiting on the shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("store_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def _env() -> dict[str, str]:

@@ -7,24 +7,19 @@ import json
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
 from dinokit.retrieval import search as search_mod
 from dinokit.retrieval.index import Index
-from dinokit.retrieval.kinds import set_num_threads
 from dinokit.retrieval.metadata import filter_query, matches, read_metadata_file
+
+# tiny indexes: OpenMP threads only add spin-waiting on the shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 COLORS = ("red", "green", "blue", "black")
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def _data(n: int, d: int = 24, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
