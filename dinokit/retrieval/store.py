@@ -335,26 +335,27 @@ class Store:
         return str(self.folder / name) if self.folder is not None else name
 
     def _read_array(self, name: str) -> np.ndarray:
-        if self.folder is None:
-            return self._mem[name]
-        path = self.folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing")
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:  # numpy parses the header with ast: ValueError, SyntaxError, TokenError, ...
-            raise ValueError(f"{path}: damaged vector file ({type(e).__name__}: {one_line(str(e))})") from e
+        # numpy parses the header with ast: ValueError, SyntaxError, TokenError, ... on a damaged file
+        return self._read(name, lambda p: np.load(p, mmap_mode="r", allow_pickle=False), "vector file", Exception)
 
     def _read_faiss(self, name: str) -> Any:
+        # faiss reports a damaged file as a multi-line RuntimeError
+        return self._read(name, lambda p: faiss.read_index(str(p)), "FAISS index", RuntimeError)
+
+    def _read(self, name: str, reader: Any, what: str, damaged: type[Exception]) -> Any:
+        """``reader(path)`` of the file ``name`` (memory store: the object kept under it).
+
+        FileNotFoundError when missing (the snapshot retries: a compaction may just have replaced
+        it); a damaged file is one ValueError line naming it."""
         if self.folder is None:
             return self._mem[name]
         path = self.folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing")
         try:
-            return faiss.read_index(str(path))
-        except RuntimeError as e:  # faiss reports a damaged file as a multi-line RuntimeError
-            raise ValueError(f"{path}: damaged FAISS index ({one_line(str(e))})") from e
+            return reader(path)
+        except damaged as e:
+            raise ValueError(f"{path}: damaged {what} ({type(e).__name__}: {one_line(str(e))})") from e
 
     def _write_array(self, name: str, array: np.ndarray) -> int:
         """Write ``array`` as ``name`` durably (temp file, fsync, rename); returns bytes written."""
