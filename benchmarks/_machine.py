@@ -34,17 +34,6 @@ def gemm_gflops(n: int = 4096, repeat: int = 2, dtype: torch.dtype = torch.float
     return 2.0 * n**3 / best / 1e9
 
 
-def cpu_flags() -> str:
-    """The relevant vector extensions present, e.g. "avx2 avx512f avx512_bf16"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(x for x in wanted if x in flags) or "baseline"
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -58,10 +47,10 @@ def cpu_model() -> str:
 
 def machine_info(threads: int) -> dict[str, Any]:
     """One dict for a benchmark's JSON: CPU, flags, torch, threads, load average, UTC time."""
-    from dinokit.devices import cpu_has_native_bf16
+    from dinokit.devices import cpu_has_native_bf16, cpu_vector_extensions
 
     return {
-        "cpu": cpu_model(), "flags": cpu_flags(), "native_bf16": cpu_has_native_bf16(),
+        "cpu": cpu_model(), "flags": cpu_vector_extensions(), "native_bf16": cpu_has_native_bf16(),
         "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
         "load_avg_1min": os.getloadavg()[0], "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 import dinokit
+from dinokit.devices import cpu_vector_extensions
 
 
 def randomize(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -172,15 +172,6 @@ def onnx_rows(root: Path, batch: int = 8, reps: int = 5) -> list[tuple[str, floa
     return out
 
 
-def cpu_flags() -> str:
-    try:
-        flags = subprocess.run(["grep", "-o", "-E", "avx512_bf16|amx_bf16|avx512f|avx2", "/proc/cpuinfo"],
-                               capture_output=True, text=True, check=False).stdout.split()
-        return ", ".join(sorted(set(flags))) or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--official", type=Path, required=True, help="Folder with dino/, dinov2/, dinov3/ checkouts.")
@@ -189,7 +180,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="Write the Markdown here (default: stdout).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lines = [f"Machine: {platform.machine()}, {args.threads} threads, CPU flags {cpu_flags()}; "
+    lines = [f"Machine: {platform.machine()}, {args.threads} threads, CPU flags {cpu_vector_extensions()}; "
              f"torch {torch.__version__}.", "",
              "| model | variant | input | max abs diff to official (CLS) |", "|---|---|---|---|"]
     for name, variant, size, diff in parity_rows(args.official):

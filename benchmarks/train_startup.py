@@ -21,17 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from dinokit.devices import cpu_vector_extensions
+
 REPO = Path(__file__).resolve().parent.parent
 COMMAND = ["train", "recipes/fashion_mnist_vit_cpu.yaml", "--set", "data.source=recipes/data/fashion-mnist-small/train",
            "--set", "max_iterations=3"]
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
 
 
 def one_run(checkout: Path, out: Path) -> dict[str, object]:
@@ -56,7 +50,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--checkout", type=Path, default=REPO, help="the dinokit checkout (with recipes/) to measure")
     args = p.parse_args()
-    print(json.dumps({"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "dinokit": str(args.checkout)}))
+    print(json.dumps({"cpu_flags": cpu_vector_extensions(), "cores": os.cpu_count(), "dinokit": str(args.checkout)}))
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             print(json.dumps(one_run(args.checkout.resolve(), Path(tmp) / f"run{i}")), flush=True)

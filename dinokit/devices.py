@@ -62,13 +62,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_vector_extensions() -> str:
-    """The CPU's relevant vector extensions as one word for logs and benchmark rows, e.g. "avx512_bf16"."""
+    """The CPU's vector extensions that decide speed here, for logs and benchmark rows, e.g.
+    "avx2 avx512f avx512_bf16" ("baseline" when none, "unknown" off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         return "unknown"
-    for name in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
-        if name in flags:
-            return name
-    return "baseline"
+    return " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags) or "baseline"
