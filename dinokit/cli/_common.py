@@ -133,6 +133,25 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+def image_files(items: list[Path]) -> list[Path]:
+    """Image files given on the command line: files as they are, folders walked (recursive, sorted).
+
+    A missing path is a one-line FileNotFoundError; no images at all is a ValueError."""
+    from dinokit.data.images import list_images  # the walk: Pillow, only when a command needs it
+
+    files: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            files.extend(list_images(item))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    if not files:
+        raise ValueError("no images given")
+    return files
+
+
 def report_skipped(skipped: list[tuple[str, str]], what: str = "files") -> None:
     """List the inputs a command skipped, once, with their reasons (stderr)."""
     if skipped:

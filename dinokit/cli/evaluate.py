@@ -20,6 +20,7 @@ from dinokit.cli._common import (
     app,
     console,
     emit,
+    image_files,
     out,
     progress_bar,
     report_skipped,
@@ -245,20 +246,10 @@ def classify_cmd(
     """
     from rich.table import Table
 
-    from dinokit.data.images import list_images
     from dinokit.eval.linear import LinearHead, classify
     from dinokit.hub import load
 
-    paths: list[Path] = []
-    for p in images:
-        if p.is_dir():
-            paths.extend(list_images(p))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            _fail(f"{p}: no such file or folder")
-    if not paths:
-        _fail("no images given")
+    paths = image_files(images)
     clf = LinearHead.load(head)
     net = load(model)
     rows, skipped = classify(net, clf, paths, topk=top_k, batch_size=batch_size, device=device,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dinokit.cli._common import _print_json, app, console
+from dinokit.cli._common import _print_json, app, console, image_files
 
 
 @app.command("pca")
@@ -27,19 +27,11 @@ def pca_cmd(
 
     Example: dinokit pca dog.jpg --model dinov2_vits14_reg --out pca/
     """
-    from dinokit.data.images import list_images
     from dinokit.devices import resolve_device
     from dinokit.hub import load
     from dinokit.pca import pca_picture, save_pca
 
-    files: list[Path] = []
-    for item in images:
-        if item.is_dir():
-            files.extend(list_images(item))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+    files = image_files(images)
     net = load(model)
     dev = resolve_device(device) if device else None
     if dev is not None:
