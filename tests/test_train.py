@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -356,3 +357,16 @@ def test_stop_policy_and_callback_schedule() -> None:
     assert [r["name"] for r in end] == ["b"] and end[0]["iteration"] == 30 and end[0]["epoch"] == 3
     assert end[0]["time_s"] == 2.0 and end[0]["eval_time_s"] >= 0
     assert hooks.last_iteration == [30, 30, 30]
+
+
+def test_native_bf16_respects_a_onednn_isa_cap() -> None:
+    # With oneDNN capped at AVX2 it emulates bf16 (~100x slower than fp32 on this project's machines)
+    # even on a CPU that has AVX512-BF16/AMX: the automatic choices must see fp32 there.
+    import subprocess
+    import sys
+
+    code = ("from dinokit.devices import cpu_has_native_bf16, cpu_vector_extensions;"
+            "print(cpu_has_native_bf16(), cpu_vector_extensions())")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("False ") and out.stdout.strip().endswith("(capped: AVX2)")
