@@ -202,9 +202,9 @@ class SearchBatcher(_Collector):
         return await self._submit((x, k, filt))
 
     def _process(self, items: list[tuple[np.ndarray, int, Any]]) -> list[Any]:
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[int, str | None], list[int]] = {}
         for i, (_, k, filt) in enumerate(items):
-            groups.setdefault(json.dumps([k, filt], sort_keys=True), []).append(i)
+            groups.setdefault((k, None if filt is None else json.dumps(filt, sort_keys=True)), []).append(i)
         out: list[Any] = [None] * len(items)
         for idx in groups.values():
             k, filt = items[idx[0]][1], items[idx[0]][2]
