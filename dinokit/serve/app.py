@@ -8,6 +8,7 @@ straight to the index on worker threads. Every error is ``{"error": "<one line>"
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,13 @@ class _State:
                                max_wait_ms=config.max_wait_ms if config.batching else 0.0,
                                on_batch=metrics.observe_batch)
         self.searcher = SearchBatcher(backend.search_vectors)
+        # uploads are decoded on as many threads as cores (not one of Starlette's 40 per request: 32
+        # concurrent decodes would only fight over the GIL and the cores the model needs)
+        self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="dinokit-decode")
+
+    async def prepare(self, data: bytes, name: str, box: str | None) -> Any:
+        """:func:`_prepare` on a decode thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, _prepare, self, data, name, box)
 
 
 def load_model_for(backend: Backend, source: str | Any | None) -> Any:
@@ -124,6 +133,7 @@ def create_app(config: ServeConfig, *, model: Any = None) -> FastAPI:
         yield
         await state.batcher.stop()
         await state.searcher.stop()
+        state.decoders.shutdown(wait=True)
 
     app = _ServeApp(title="dinokit serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image search over DINO features: search by image, region, id or vector; "
@@ -301,7 +311,8 @@ def _results(hits: list[Hit], t0: float) -> bytes:
 
 def _prepare(state: _State, data: bytes, name: str, box: str | None) -> Any:
     """Upload bytes -> the model input (3, S, S): decode (limits checked), crop to ``box``, preprocess."""
-    image = decode_image(data, name, state.config.max_pixels)
+    # a box is in the upload's pixels: only a whole-image query may be decoded at reduced scale
+    image = decode_image(data, name, state.config.max_pixels, draft_to=None if box else state.embedder.draft_to)
     crop = parse_box(box, image.size)
     if crop is not None:
         image = image.crop(crop)
@@ -400,7 +411,7 @@ async def _search_upload(state: _State, request: Request, t0: float) -> bytes:
         box = form.get("box")
     if isinstance(box, UploadFile):
         raise ValueError("box: expected a JSON list [x0, y0, x1, y1] of pixel coordinates, not a file")
-    x = await run_in_threadpool(_prepare, state, data, file.filename or "file", box)
+    x = await state.prepare(data, file.filename or "file", box)
     vec = await state.batcher.embed(x)
     return _results(await state.searcher.search(vec, k, filt), t0)
 
@@ -449,7 +460,7 @@ async def _add_items(state: _State, request: Request) -> dict[str, Any]:
         name = f.filename or "file"
         data = await f.read()
         try:
-            x = await run_in_threadpool(_prepare, state, data, name, None)
+            x = await state.prepare(data, name, None)
         except ImageTooLarge:
             raise
         except ValueError as e:

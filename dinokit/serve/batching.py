@@ -49,6 +49,8 @@ class Embedder:
         self.model = model.to(self.device).eval()
         p = preprocessing_config(model, image_size)
         self.resize = resize_and_crop(p)
+        # JPEG queries are decoded at the smallest DCT scale that keeps 2x the resize target (limits.decode_image)
+        self.draft_to = 2 * int(p["resize_size"])
         self.mean = torch.tensor(p["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(p["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
