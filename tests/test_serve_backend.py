@@ -163,7 +163,7 @@ def test_item_rows_are_remembered_per_snapshot_and_handed_out_as_copies(tmp_path
     assert set(memo) == {0, 1, 2}
     b.remove(1)  # a commit: the next search reads a new snapshot with its own memo
     assert [h.id for h in b.search_vectors(x[1:2], 3, None)[0]] in ([0, 2], [2, 0])
-    assert b.index._store.snapshot().memo["items"] is not memo
+    assert b.index._store.snapshot().memo.get("items") is not memo  # (a background compaction may commit too)
 
 
 def test_fastjson_matches_the_standard_library() -> None:
