@@ -11,7 +11,9 @@
 
 The load generator is a minimal asyncio HTTP/1.1 client with keep-alive connections (about 50 us of
 CPU per request), so on a 2-core machine it takes little from the server it measures. The server is a
-real ``python -m dinokit.cli serve`` subprocess. Prints a Markdown table of results.
+real ``python -m dinokit.cli serve`` subprocess; each row also gives its CPU time (all threads, from
+/proc) per answered request, the figure that stays comparable on a shared machine, and the 1-minute
+load average after the row. Prints a Markdown table of results.
 
     .venv/bin/python benchmarks/serve.py --sizes 100000 --duration 8
 """
@@ -119,17 +121,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PIDS: dict[int, int] = {}  # port -> pid of the server on it
+
+
+def cpu_seconds(port: int) -> float:
+    """CPU time (user + system, all threads) the server on ``port`` has used so far."""
+    fields = Path(f"/proc/{PIDS[port]}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(port: int, payloads: list[bytes], clients: int, seconds: float, max_requests: int) -> dict[str, float]:
+    """:func:`load` plus the server's CPU time per answered request (ms) and the 1-minute load average."""
+    c0 = cpu_seconds(port)
+    r = asyncio.run(load(port, payloads, clients, seconds, max_requests))
+    r["cpu_ms"] = (cpu_seconds(port) - c0) * 1e3 / max(1, r["n"])
+    r["loadavg"] = os.getloadavg()[0]
+    return r
+
+
 @contextmanager
 def server(index: Path, model: Path, *args: str) -> Iterator[int]:
     """A `dinokit serve` subprocess on a free loopback port; yields the port."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "dinokit.cli", "serve", str(index), "--port", str(port), "--model", str(model),
            "--token", TOKEN, *args]
     log = open(index.parent / f"server-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    PIDS[port] = proc.pid
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -240,9 +262,10 @@ def vector_phase(tmp: Path, n: int, kind: str, clients: list[int], seconds: floa
         kind_used = json.loads(urlopen(port, "/info"))["kind"]
         asyncio.run(load(port, queries, 4, 1.0, 200))  # warm-up
         for c in clients:
-            r = asyncio.run(load(port, queries, c, seconds, 20_000))
+            r = measured(port, queries, c, seconds, 20_000)
             rows.append(f"| vector query, k=10 | {n:,} {kind_used} (built in {built:.0f} s) | {c} clients | "
-                        f"{r['qps']:,.0f} q/s | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} of {r['n']} |")
+                        f"{r['qps']:,.0f} q/s | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} of {r['n']} | "
+                        f"{r['cpu_ms']:.3f} | {r['loadavg']:.1f} |")
             print(rows[-1], flush=True)
     return folder
 
@@ -305,14 +328,14 @@ def image_phase(tmp: Path, model_name: str, clients: int, seconds: float, max_ba
                 bare[b].append(bare_throughput(model_dir, b, per / 2))
             for mode, port in ports.items():
                 f0, i0 = batch_stats(port)
-                served[mode].append(asyncio.run(load(port, payloads, clients, per, 5_000)))
+                served[mode].append(measured(port, payloads, clients, per, 5_000))
                 f1, i1 = batch_stats(port)
                 batches[mode][0] += f1 - f0
                 batches[mode][1] += i1 - i0
     ceiling = float(np.mean(bare[max_batch]))
     for b, runs in bare.items():
         rows.append(f"| bare model, batch {b} | {model_name} | - | {np.mean(runs):,.1f} img/s "
-                    f"(rounds: {' '.join(f'{v:.1f}' for v in runs)}) | - | - | - |")
+                    f"(rounds: {' '.join(f'{v:.1f}' for v in runs)}) | - | - | - | - | - |")
     for mode, runs in served.items():
         qps = float(np.mean([r["qps"] for r in runs]))
         mean_batch = batches[mode][1] / max(1.0, batches[mode][0])
@@ -321,7 +344,8 @@ def image_phase(tmp: Path, model_name: str, clients: int, seconds: float, max_ba
                     f"({qps / ceiling:.2f} of bare batch {max_batch}; mean batch {mean_batch:.1f}; rounds: "
                     f"{per_round}) | {np.median([r['p50'] for r in runs]):.0f} | "
                     f"{np.max([r['p99'] for r in runs]):.0f} | {sum(r['errors'] for r in runs)} of "
-                    f"{sum(r['n'] for r in runs)} |")
+                    f"{sum(r['n'] for r in runs)} | {np.mean([r['cpu_ms'] for r in runs]):.2f} | "
+                    f"{np.mean([r['loadavg'] for r in runs]):.1f} |")
     print("\n".join(rows[-4:]), flush=True)
 
 
@@ -354,7 +378,7 @@ def write_phase(tmp: Path, source: Path, writers: int, seconds: float, rows: lis
     rows.append(f"| writes (POST /items, 1 PNG) with 8 search clients | {before:,} items | {writers} writers | "
                 f"{w['qps']:,.1f} writes/s; searches {s['qps']:,.0f} q/s (p99 {s['p99']:.1f} ms) | {w['p50']:.1f} | "
                 f"{w['p99']:.1f} | {w['errors'] + s['errors']} of {w['n'] + s['n']}; count +{after - before} "
-                f"for {acked} acknowledged |")
+                f"for {acked} acknowledged | - | {os.getloadavg()[0]:.1f} |")
     print(rows[-1], flush=True)
 
 
@@ -375,7 +399,8 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from dinokit.devices import cpu_vector_extensions
 
-    rows = ["| test | index | load | throughput | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+    rows = ["| test | index | load | throughput | p50 ms | p99 ms | errors | server CPU ms/request | load avg |",
+            "|---|---|---|---|---|---|---|---|---|"]
     tmp = Path(tempfile.mkdtemp(prefix="dinokit-serve-bench-"))
     print(f"{dt.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{cpu_vector_extensions()}, load avg {os.getloadavg()[0]:.1f}", flush=True)

@@ -129,6 +129,16 @@ def test_decode_limits_and_box() -> None:
         decode_image(buf.getvalue()[:200], "cut.jpg")
     with pytest.raises(BadImage, match="empty file"):
         decode_image(b"", "e.png")
+    # a JPEG may be decoded at reduced DCT scale, never below draft_to on either side; other formats never
+    big = io.BytesIO()
+    Image.new("RGB", (256, 200), (10, 200, 30)).save(big, format="JPEG")
+    assert decode_image(big.getvalue(), "b.jpg").size == (256, 200)
+    assert decode_image(big.getvalue(), "b.jpg", draft_to=84).size == (128, 100)
+    assert decode_image(big.getvalue(), "b.jpg", draft_to=50).size == (64, 50)
+    assert decode_image(big.getvalue(), "b.jpg", draft_to=101).size == (256, 200)
+    png = io.BytesIO()
+    Image.new("RGB", (256, 200)).save(png, format="PNG")
+    assert decode_image(png.getvalue(), "b.png", draft_to=50).size == (256, 200)
     assert parse_box(None, (40, 30)) is None
     assert parse_box("[5, 4, 20.4, 100]", (40, 30)) == (5, 4, 20, 30)
     assert parse_box("[20, 10, 5, 0]", (40, 30)) == (5, 0, 20, 10)  # corners in any order
@@ -473,6 +483,15 @@ def test_cors_is_off_unless_asked(server, base, model, tmp_path: Path) -> None:
     ok, other = asyncio.run(calls())
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in other.headers
+
+    async def search() -> httpx.Response:  # POST /search takes the short lane: CORS and error mapping still apply
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/search", content=b'{"vector": [1,', headers={"Origin": "https://app.example",
+                                                                               "Content-Type": "application/json"})
+
+    r = asyncio.run(search())
+    assert r.status_code == 422 and r.json() == {"error": "the body is not valid JSON"}
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def _write_v1_copy(src: Path, images: Path, dst: Path, model: torch.nn.Module, n: int) -> None:

@@ -147,3 +147,36 @@ def test_inside_refuses_escapes(tmp_path: Path) -> None:
     for bad in (root / ".." / "secret.png", root / "link.png", root / "dirlink" / "secret.png",
                 tmp_path / "secret.png", root / "sub", root / "missing.png"):
         assert be.inside(bad, [root]) is None, bad
+
+
+def test_item_rows_are_remembered_per_snapshot_and_handed_out_as_copies(tmp_path: Path) -> None:
+    folder, images = _store(tmp_path)
+    b = be.Backend(folder)
+    x = _unit(3, 3)
+    b.add(x, [str(images / n) for n in ("a.png", "b.png", "c.png")], [{"s": 1}, {"s": 2}, {"s": 3}])
+    first = b.search_vectors(x[:1], 3, None)[0]
+    assert first[0].id == 0 and first[0].metadata == {"s": 1}
+    first[0].metadata["s"] = 99  # a caller's change must not reach the remembered row
+    again = b.search_vectors(x[:1], 3, None)[0]
+    assert {h.id: h.metadata["s"] for h in again} == {0: 1, 1: 2, 2: 3}
+    memo = b.index._store.snapshot().memo["items"]
+    assert set(memo) == {0, 1, 2}
+    b.remove(1)  # a commit: the next search reads a new snapshot with its own memo
+    assert [h.id for h in b.search_vectors(x[1:2], 3, None)[0]] in ([0, 2], [2, 0])
+    assert b.index._store.snapshot().memo.get("items") is not memo  # (a background compaction may commit too)
+
+
+def test_fastjson_matches_the_standard_library() -> None:
+    from dinokit.serve import fastjson
+
+    hits = [be.Hit(3, "a/b.png", 0.8097615242004395, {"é": [1, 2]}), be.Hit(4, None, -0.5, {})]
+    want = json.dumps({"results": [{"id": 3, "path": "a/b.png", "score": 0.8097615242004395, "metadata": {"é": [1, 2]}},
+                                   {"id": 4, "path": None, "score": -0.5, "metadata": {}}], "took_ms": 1.25},
+                      ensure_ascii=False, separators=(",", ":")).encode()
+    assert fastjson.dumps({"results": hits, "took_ms": 1.25}) == want
+    assert fastjson.dumps({"big": 2**70}) == b'{"big":1180591620717411303424}'  # orjson refuses: the fallback writes it
+    assert fastjson.loads(b'{"id": 1180591620717411303424, "v": [NaN]}')["id"] == 2**70  # what json reads, read
+    with pytest.raises(json.JSONDecodeError):
+        fastjson.loads(b'{"vector": [1, 2')
+    with pytest.raises(UnicodeDecodeError):
+        fastjson.loads(b'{"a": "\xff"}')

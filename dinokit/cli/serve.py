@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -60,5 +61,10 @@ def serve_cmd(
         _fail(str(exc))
     console.print(f"serving {index} on http://{host}:{port} (writes {'need the token' if token else 'open: loopback'})",
                   highlight=False)
-    uvicorn.run(server_app, host=host, port=port, log_level="warning", access_log=False,
+    # the model, torch and the index are ~400k long-lived objects: a full garbage collection walks them
+    # all (~0.1-0.3 s, a p99 spike for every query waiting meanwhile); frozen, it walks only new ones
+    gc.collect()
+    gc.freeze()
+    # proxy_headers off: one ASGI layer less per request (nothing here reads the client address)
+    uvicorn.run(server_app, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
                 timeout_graceful_shutdown=5)

@@ -587,12 +587,13 @@ class Index:
 
     def _search(self, x: np.ndarray, k: int, filter: Filter | None, names: list[str],
                 **overrides: Knob | None) -> SearchResult:
-        if x.shape[1] != self.dim:
+        snap = self._store.snapshot()  # once per search: each call asks SQLite for the generation
+        dim = int(snap.meta["dim"])
+        if x.shape[1] != dim:
             raise ModelMismatchError(f"queries have dimension {x.shape[1]} but the index holds dimension "
-                                     f"{self.dim} (another model?)")
+                                     f"{dim} (another model?)")
         if k < 1:
             raise ValueError(f"k={k}: must be >= 1")
-        snap = self._store.snapshot()
         allowed = self._store.filter_ids(dict(filter), snap) if filter else None
         k_eff = min(int(k), snap.count if allowed is None else len(allowed))
         if k_eff == 0:
@@ -601,14 +602,16 @@ class Index:
                                 empty.astype(object), names)
         knobs = dict(snap.meta.get("main_knobs") or {})
         scores, ids = search_snapshot(snap, x, k_eff, allowed, knobs, **overrides)
-        rows = self._store.items(ids.ravel().tolist())
-        paths = np.empty(ids.shape, dtype=object)
-        metas = np.empty(ids.shape, dtype=object)
-        for (i, j), idx in np.ndenumerate(ids):
-            if idx >= 0 and idx in rows:
-                paths[i, j], metas[i, j] = rows[idx][0], rows[idx][1]
+        flat = ids.ravel().tolist()
+        rows = self._store.items(flat, snap)
+        paths = np.empty(len(flat), dtype=object)
+        metas = np.empty(len(flat), dtype=object)
+        for n, idx in enumerate(flat):  # plain ints: a server runs this per query
+            row = rows.get(idx)
+            if row is not None:
+                paths[n], metas[n] = row[0], row[1]
         scores[ids < 0] = np.nan
-        return SearchResult(ids, paths, scores, metas, names)
+        return SearchResult(ids, paths.reshape(ids.shape), scores, metas.reshape(ids.shape), names)
 
     def _query_vectors(self, queries: Queries, *, model: nn.Module | None, batch_size: int,
                        device: Device) -> tuple[np.ndarray, list[str]]:

@@ -28,6 +28,10 @@ def search_snapshot(snap: Snapshot, x: np.ndarray, k: int, allowed: np.ndarray |
              for seg in snap.segments]
     if not parts:
         return np.full((len(x), k), -np.inf, np.float32), np.full((len(x), k), -1, np.int64)
+    if len(parts) == 1 and parts[0][0].shape[1] == k:  # one segment (a compacted index): already best first
+        scores, ids = parts[0]
+        scores[ids < 0] = -np.inf
+        return scores.astype(np.float32, copy=False), ids
     scores = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
     scores[ids < 0] = -np.inf

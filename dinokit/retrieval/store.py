@@ -56,6 +56,7 @@ LOCK_FILE = "write.lock"
 _SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss)$")
 _MAX_SMALL_SEGMENTS = 24
 _FILTER_CACHE = 32
+_ITEM_MEMO = 200_000  # item rows remembered per snapshot for searches
 _CLAIM_MAX_AGE = 6 * 3600  # a compaction claim older than this is stale even if its pid was reused
 
 #: test hook: called with a stage name at the points where a crash must leave a consistent folder
@@ -278,16 +279,37 @@ class Store:
                 index.hnsw.efSearch = int(params["ef_search"])
         return Segment(name, role, kind, ids, vectors, index)
 
-    def items(self, ids: Sequence[int]) -> dict[int, tuple[str | None, dict[str, Any], bool]]:
-        """``{id: (path, metadata, deleted)}`` for the ids that exist."""
+    def items(self, ids: Sequence[int], snap: Snapshot | None = None
+              ) -> dict[int, tuple[str | None, dict[str, Any], bool]]:
+        """``{id: (path, metadata, deleted)}`` for the ids that exist. With ``snap``, rows already read
+        for that snapshot come from its memo (an id's path and metadata never change; a commit makes a
+        new snapshot), so repeated searches of a server skip SQLite; metadata dicts are fresh copies."""
+        memo: dict[int, tuple[str | None, dict[str, Any], bool]] | None = None
+        if snap is not None:
+            memo = snap.memo.setdefault("items", {})
         out: dict[int, tuple[str | None, dict[str, Any], bool]] = {}
-        uniq = sorted({int(i) for i in ids if int(i) >= 0})
+        missing = []
+        for i in {int(i) for i in ids if int(i) >= 0}:
+            row = memo.get(i) if memo is not None else None
+            if row is None:
+                missing.append(i)
+            else:
+                out[i] = (row[0], dict(row[1]), row[2])
+        if not missing:
+            return out
+        uniq = sorted(missing)
+        read: dict[int, tuple[str | None, dict[str, Any], bool]] = {}
         with self._db:
             for s in range(0, len(uniq), 900):  # SQLite's bound-parameter limit
                 chunk = uniq[s:s + 900]
                 q = f"SELECT id, path, metadata, deleted FROM items WHERE id IN ({','.join('?' * len(chunk))})"
                 for i, p, m, d in self._conn.execute(q, chunk):
-                    out[int(i)] = (p, self._json(m, f"item {int(i)} metadata"), bool(d))
+                    read[int(i)] = (p, self._json(m, f"item {int(i)} metadata"), bool(d))
+        if memo is not None:
+            if len(memo) + len(read) > _ITEM_MEMO:  # bounded: a long-running server sees every id in time
+                memo.clear()
+            memo.update(read)
+        out.update({i: (p, dict(m), d) for i, (p, m, d) in read.items()})
         return out
 
     def live_ids_of(self, paths: Sequence[str]) -> dict[str, int]:

@@ -39,15 +39,14 @@ class ReadOnlyIndexError(PermissionError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the item id, its stored path (None when it has none), cosine score, metadata."""
+    """One search result: the item id, its stored path (None when it has none), cosine score, metadata.
+
+    Encoded as the JSON object of its fields in this order (the ``results`` entries of ``POST /search``)."""
 
     id: int
     path: str | None
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "score": self.score, "metadata": self.metadata}
 
 
 def inside(path: Path, roots: Sequence[Path]) -> Path | None:
@@ -77,6 +76,8 @@ class Backend:
         self.folder = Path(folder)
         self.index = Index.load(self.folder)
         self.read_only = bool(self.index.read_only)
+        self._absolute = self.folder.absolute()
+        self._dim = int(self.index.dim)
         self._compacting = threading.Lock()
         self._compactor: threading.Thread | None = None
         if self.read_only:
@@ -96,7 +97,7 @@ class Backend:
 
     @property
     def dim(self) -> int:
-        return int(self.index.dim)
+        return self._dim  # fixed for the life of an index: not read from SQLite per query
 
     @property
     def kind(self) -> str:
@@ -125,17 +126,17 @@ class Backend:
 
     def _shown(self, path: str | None) -> str | None:
         # uploads are stored by absolute path; clients see them relative to the index folder
-        if path is None:
-            return None
+        if path is None or not os.path.isabs(path):  # the common case, checked without a Path per hit
+            return path
         p = Path(path)
-        if p.is_absolute() and p.is_relative_to(self.folder.absolute()):
-            return p.relative_to(self.folder.absolute()).as_posix()
+        if p.is_relative_to(self._absolute):
+            return p.relative_to(self._absolute).as_posix()
         return path
 
     def _rows(self, res: Any) -> list[list[Hit]]:
         """A ``SearchResult`` (ids, paths, scores, metadata: (Q, k)) -> hits per query, padding dropped."""
         assert res.metadata is not None
-        return [[Hit(int(j), self._shown(p), float(s), dict(m or {}))
+        return [[Hit(int(j), self._shown(p), float(s), m if m is not None else {})  # m: the index's own copy
                  for j, p, s, m in zip(res.ids[i], res.paths[i], res.scores[i], res.metadata[i], strict=True)
                  if j >= 0]
                 for i in range(len(res.ids))]

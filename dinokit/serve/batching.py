@@ -49,6 +49,8 @@ class Embedder:
         self.model = model.to(self.device).eval()
         p = preprocessing_config(model, image_size)
         self.resize = resize_and_crop(p)
+        # JPEG queries are decoded at the smallest DCT scale that keeps 2x the resize target (limits.decode_image)
+        self.draft_to = 2 * int(p["resize_size"])
         self.mean = torch.tensor(p["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(p["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -202,9 +204,9 @@ class SearchBatcher(_Collector):
         return await self._submit((x, k, filt))
 
     def _process(self, items: list[tuple[np.ndarray, int, Any]]) -> list[Any]:
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[int, str | None], list[int]] = {}
         for i, (_, k, filt) in enumerate(items):
-            groups.setdefault(json.dumps([k, filt], sort_keys=True), []).append(i)
+            groups.setdefault((k, None if filt is None else json.dumps(filt, sort_keys=True)), []).append(i)
         out: list[Any] = [None] * len(items)
         for idx in groups.values():
             k, filt = items[idx[0]][1], items[idx[0]][2]

@@ -31,11 +31,15 @@ class BadImage(ValueError):
     """Bytes that are not a decodable image of an accepted type."""
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_to: int | None = None) -> Image.Image:
     """Image bytes -> an RGB PIL image with its EXIF orientation applied.
 
-    Raises ImageTooLarge before decoding when width * height > ``max_pixels``, and BadImage ("NAME:
-    reason") for empty, unknown, corrupt or truncated data or a type outside :data:`FORMATS`.
+    ``draft_to``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: several times
+    less work than a full decode) as long as both sides stay >= ``draft_to`` pixels; callers that
+    resize the image down anyway pass twice their target size, so their own antialiased resize still
+    does the last step. Raises ImageTooLarge before decoding when width * height > ``max_pixels``, and
+    BadImage ("NAME: reason") for empty, unknown, corrupt or truncated data or a type outside :data:`FORMATS`.
     """
     from dinokit.data.images import to_rgb
 
@@ -48,8 +52,11 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
                 raise ImageTooLarge(f"{name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels}")
             im.verify()
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:  # verify() leaves the image unusable
+            if draft_to is not None and im.format == "JPEG":
+                im.draft("RGB", (draft_to, draft_to))
             im.load()
-            return to_rgb(ImageOps.exif_transpose(im))
+            ImageOps.exif_transpose(im, in_place=True)
+            return im if im.mode == "RGB" else to_rgb(im)
     except ImageTooLarge:
         raise
     except Image.DecompressionBombError as e:

@@ -41,6 +41,7 @@ class Metrics:
                                     registry=self.registry)
         self.forward = Histogram("dinokit_forward_seconds", "Seconds per model forward",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         items_gauge = Gauge("dinokit_items", "Live items in the index", registry=self.registry)
         items_gauge.set_function(lambda: float(items()))
 
@@ -49,8 +50,13 @@ class Metrics:
         self.forward.observe(seconds)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:  # labels() takes a lock and builds a key: once per label set, not per request
+            series = self._series[key] = (self.requests.labels(method, route, str(status)),
+                                          self.latency.labels(route))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """(Prometheus text exposition, its content type)."""
