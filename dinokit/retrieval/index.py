@@ -207,6 +207,34 @@ class Index:
         return cls(store)
 
     @classmethod
+    def from_shards(cls, features_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, kind: str = "auto",
+                    memory_budget: int | str = DEFAULT_MEMORY_BUDGET, metadata: MetadataLike | None = None,
+                    model_source: str | None = None, progress: Progress | None = None,
+                    shards: tuple[int, int] | None = None, trained_from: str | os.PathLike[str] | None = None,
+                    **knobs: Knob) -> Index:
+        """Index a sharded feature folder (``dinokit embed --out DIR``) into the folder ``out``, streaming
+        it shard by shard under ``memory_budget`` (bytes or "4GB"); ids are the rows' global numbers.
+        See :func:`dinokit.retrieval.stream.build_from_shards`. Returns the index opened from ``out``."""
+        from dinokit.retrieval.stream import build_from_shards
+
+        check_kind(kind)
+        build_from_shards(features_dir, out, kind=kind, memory_budget=memory_budget, metadata=metadata,
+                          model_source=model_source, progress=progress, shards=shards,
+                          trained_from=trained_from, **knobs)  # type: ignore[arg-type]
+        return cls.load(out)
+
+    @classmethod
+    def merge(cls, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+              memory_budget: int | str = DEFAULT_MEMORY_BUDGET, progress: Progress | None = None) -> Index:
+        """Join index folders built from disjoint items (e.g. shard ranges on several machines) into the
+        folder ``out``; see :func:`dinokit.retrieval.stream.merge_indexes`. Returns the merged index."""
+        from dinokit.retrieval.stream import merge_indexes
+
+        merge_indexes(inputs, out, memory_budget=memory_budget, progress=progress,
+                      on_renumber=lambda why: log.warning("%s", why))
+        return cls.load(out)
+
+    @classmethod
     def build(cls, folder_or_paths: ImagePaths, model: nn.Module, kind: str = "auto", *,
               metadata: MetadataLike | None = None, batch_size: int = 64, device: Device = None,
               num_workers: int | None = None, image_size: int | None = None, feature: str = "cls",
@@ -821,7 +849,9 @@ def _reuse_or_build(snap: Any, kind: str, knobs: dict[str, Any], ids: np.ndarray
     knobs still hold (O(new) work), an IVF-PQ refilled with its trained quantizers after removals, or
     a fresh build."""
     main = next((s for s in snap.segments if s.role == "main"), None)
-    if main is not None and main.kind == kind != "flat" and snap.meta.get("main_knobs") == knobs:
+    # on-disk inverted lists are not copied through memory: rebuilt (into memory) instead
+    if main is not None and main.kind == kind != "flat" and snap.meta.get("main_knobs") == knobs \
+            and not knobs.get("ondisk"):
         removed = len(snap.deleted) and np.isin(main.ids, snap.deleted).any()
         index = faiss.deserialize_index(faiss.serialize_index(main.index))  # never mutate a live index
         if not removed:

@@ -5,6 +5,10 @@ bitmap ID selector that leaves out deleted items (or keeps only the items a filt
 allowed set is small, or the approximate search returns fewer results than exist, the allowed
 vectors are scored exactly instead, so a filtered search never returns fewer than
 min(k, passing items) results.
+
+An IVF-PQ index built with ``refine="disk"`` (or ``ondisk=1``) holds no copy of the vectors: FAISS
+returns ``k * k_factor`` candidates from the codes and they are re-ranked here by exact inner product
+with their rows of the segment's float32 vector file (memory-mapped: only those rows are read).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from dinokit.retrieval.kinds import faiss, search_params
+from dinokit.retrieval.kinds import faiss, reranks_from_disk, search_params
 from dinokit.retrieval.store import Segment, Snapshot
 
 # below this many allowed vectors exact scoring beats an approximate index with a selector
 EXACT_MAX = 4096
+# queries re-ranked from disk together: their gathered candidates (block x C x D float32) stay small
+_RERANK_BLOCK = 16
 
 
 def search_snapshot(snap: Snapshot, x: np.ndarray, k: int, allowed: np.ndarray | None,
@@ -94,7 +100,30 @@ def _approximate(seg: Segment, x: np.ndarray, k: int, rows: np.ndarray | None, k
         mask[rows] = True
         bitmap = np.packbits(mask, bitorder="little")
         sel = faiss.IDSelectorBitmap(len(seg.ids), faiss.swig_ptr(bitmap))
-    params = search_params(seg.kind, knobs, sel, **{k_: v for k_, v in overrides.items() if v is not None})
+    given = {k_: v for k_, v in overrides.items() if v is not None}
+    params = search_params(seg.kind, knobs, sel, **given)
+    if reranks_from_disk(seg.kind, knobs):
+        n_cand = max(k, int(k * float(given.get("k_factor") or knobs.get("k_factor", 1))))
+        _, cand = seg.index.search(x, min(n_cand, len(seg.ids)), params=params)
+        del sel, bitmap
+        return _rerank(seg.vectors, x, cand.astype(np.int64), k)
     scores, found = seg.index.search(x, k, params=params)
     del sel, bitmap  # the selector points into the bitmap: both live until the search returned
     return scores.astype(np.float32), found.astype(np.int64)
+
+
+def _rerank(vectors: np.ndarray, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top ``k`` of candidate rows ``cand`` (Q, C) (-1: none) by inner product with ``x`` (Q, D);
+    reads each distinct candidate row of ``vectors`` (a memory map) once, in file order."""
+    uniq, inv = np.unique(np.maximum(cand, 0), return_inverse=True)
+    rows = np.asarray(vectors[uniq], dtype=np.float32)  # sorted rows: sequential-ish reads of the file
+    inv = inv.reshape(cand.shape)
+    scores = np.empty(cand.shape, np.float32)
+    for s in range(0, len(cand), _RERANK_BLOCK):  # bounded temporaries: block x C x D floats
+        e = s + _RERANK_BLOCK
+        scores[s:e] = np.einsum("qcd,qd->qc", rows[inv[s:e]], x[s:e])
+    scores[cand < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, 1)
+    found = np.where(np.isfinite(top), np.take_along_axis(cand, order, 1), -1)
+    return top, found.astype(np.int64)

@@ -7,7 +7,8 @@ Folder layout (format version 2)::
     write.lock           fcntl lock file: writers across processes take it in turn
     seg-<gen>-<uid>.npy  a small segment: float32 (n, D) unit vectors of ids first_id .. first_id+n-1
     main-<gen>-<uid>.npy the compacted vectors (float32 (n, D)), .ids.npy their ids (sorted), and
-                         .faiss the approximate index over them (hnsw / ivfpq; flat has none)
+                         .faiss the approximate index over them (hnsw / ivfpq; flat has none),
+                         .ivfdata its inverted lists when they live on disk (ivfpq ``ondisk=1``)
 
 Why it loses nothing: a writer writes its segment file (fsynced, renamed into place) before it
 commits the rows that name it, all in one transaction, and the database runs WAL with
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -53,7 +55,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 DB_FILE = "index.db"
 LOCK_FILE = "write.lock"
-_SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss)$")
+_SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss|ivfdata)$")
+_SEGMENT_SUFFIXES = (".npy", ".ids.npy", ".faiss", ".ivfdata")
 _MAX_SMALL_SEGMENTS = 24
 _FILTER_CACHE = 32
 _CLAIM_MAX_AGE = 6 * 3600  # a compaction claim older than this is stale even if its pid was reused
@@ -339,8 +342,10 @@ class Store:
         return self._read(name, lambda p: np.load(p, mmap_mode="r", allow_pickle=False), "vector file", Exception)
 
     def _read_faiss(self, name: str) -> Any:
-        # faiss reports a damaged file as a multi-line RuntimeError
-        return self._read(name, lambda p: faiss.read_index(str(p)), "FAISS index", RuntimeError)
+        # faiss reports a damaged file as a multi-line RuntimeError; on-disk inverted lists (.ivfdata)
+        # are looked up beside the index file, so a moved or copied folder still finds them
+        return self._read(name, lambda p: faiss.read_index(str(p), faiss.IO_FLAG_ONDISK_SAME_DIR),
+                          "FAISS index", RuntimeError)
 
     def _read(self, name: str, reader: Any, what: str, damaged: type[Exception]) -> Any:
         """``reader(path)`` of the file ``name`` (memory store: the object kept under it).
@@ -382,6 +387,16 @@ class Store:
         os.replace(tmp, self.folder / name)
         return len(data)
 
+    def _copy_file(self, src: Path, name: str) -> None:
+        """Copy ``src`` to ``name`` durably (temp file, fsync, rename), 1 MiB at a time."""
+        assert self.folder is not None
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(src, "rb") as r, open(tmp, "wb") as w:
+            shutil.copyfileobj(r, w, 1 << 20)
+            w.flush()
+            os.fsync(w.fileno())
+        os.replace(tmp, self.folder / name)
+
     def _sync_dir(self) -> None:
         if self.folder is not None:
             fd = os.open(self.folder, os.O_RDONLY)
@@ -392,7 +407,7 @@ class Store:
 
     def _remove_files(self, names: Sequence[str]) -> None:
         for seg in names:
-            for suffix in (".npy", ".ids.npy", ".faiss"):
+            for suffix in _SEGMENT_SUFFIXES:
                 if self.folder is None:
                     self._mem.pop(seg + suffix, None)
                 else:
@@ -619,18 +634,54 @@ class Store:
         _pause("compact-committed")
         self._remove_files(list(replaces))
 
-    def insert_rows(self, rows: Sequence[tuple[int, str | None, dict[str, Any], bool]]) -> None:
-        """Rows (id, path, metadata, deleted) of a main segment installed next; used when building."""
+    def main_segment_name(self) -> str:
+        """A fresh name for the next main segment (see :meth:`insert_rows` and :meth:`commit_main`)."""
+        return self._segment_name("main", self.generation() + 1)
+
+    def insert_rows(self, rows: Sequence[tuple[int, str | None, dict[str, Any], bool]], *,
+                    segment: str = "", first_row: int = -1) -> None:
+        """Rows (id, path, metadata, deleted) of a main segment installed next; used when building.
+
+        ``segment``/``first_row``: the main segment (not yet committed) whose rows ``first_row``.. hold
+        these items, for :meth:`commit_main`; left empty, :meth:`install_main` fills them in."""
+        now = time.time()
         with self._db:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(
                     "INSERT INTO items (id, path, metadata, deleted, segment, row, added) "
-                    "VALUES (?, ?, ?, ?, '', -1, ?)",
-                    [(i, p, json.dumps(m), int(d), time.time()) for i, p, m, d in rows])
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(i, p, json.dumps(m), int(d), segment, first_row + j if segment else -1, now)
+                     for j, (i, p, m, d) in enumerate(rows)])
                 self._insert_fields([(r[0], r[2]) for r in rows])
                 self._set_meta({"next_id": max((r[0] for r in rows), default=-1) + 1,
                                 "count": self._count() + sum(1 for r in rows if not r[3])})
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def commit_main(self, name: str, ids: np.ndarray, index: Any, kind: str, knobs: dict[str, Any]) -> None:
+        """Commit the main segment ``name`` whose vector file ``name.npy`` (float32 (n, D), rows in
+        ``ids`` order) is already written in the folder and whose items :meth:`insert_rows` stored
+        with ``segment=name``: writes the ids and the FAISS index, then one commit. For a store that
+        is being built (no other segment); the streamed build never copies its vectors through memory."""
+        assert self.folder is not None
+        vectors = self._read_array(name + ".npy")
+        dim = int(self.meta()["dim"])
+        if vectors.shape != (len(ids), dim) or vectors.dtype != np.float32:
+            raise ValueError(f"{self._where(name + '.npy')}: shape {vectors.shape} {vectors.dtype}, "
+                             f"expected ({len(ids)}, {dim}) float32")
+        self._write_array(name + ".ids.npy", ids)
+        if kind != "flat":
+            self._write_faiss(name + ".faiss", index)
+        self._sync_dir()
+        _pause("compact-written")
+        with self._db:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("INSERT INTO segments VALUES (?, 'main', ?, NULL, ?)", (name, len(ids), kind))
+                self._set_meta({"main_kind": kind, "main_knobs": knobs, "generation": self.generation() + 1})
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -650,6 +701,11 @@ class Store:
             dest.close()
         target = Store(folder, sqlite3.connect(":memory:"))
         for seg in snap.segments:
+            if self.folder is not None:  # file to file: never the whole vector file in memory
+                for suffix in _SEGMENT_SUFFIXES:
+                    if (self.folder / (seg.name + suffix)).is_file():
+                        target._copy_file(self.folder / (seg.name + suffix), seg.name + suffix)
+                continue
             target._write_array(seg.name + ".npy", np.asarray(seg.vectors))
             if seg.role == "main":
                 target._write_array(seg.name + ".ids.npy", seg.ids)
