@@ -80,10 +80,16 @@ def choose_kind(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) ->
         return "flat", {}
     if n <= HNSW_MAX and n * memory_per_vector("hnsw", dim) <= memory_budget:
         return "hnsw", {}
+    return "ivfpq", ivfpq_layout(n, dim, memory_budget)
+
+
+def ivfpq_layout(n: int, dim: int, memory_budget: int) -> dict[str, Any]:
+    """The IVF-PQ re-rank copy (and list storage) that fits ``n`` vectors in ``memory_budget``: the
+    first of refine flat, sq8, disk that fits, else disk with on-disk inverted lists."""
     for refine in ("flat", "sq8", "disk"):
         if n * memory_per_vector("ivfpq", dim, {"refine": refine}) <= memory_budget:
-            return "ivfpq", {"refine": refine}
-    return "ivfpq", {"refine": "disk", "ondisk": 1}
+            return {"refine": refine}
+    return {"refine": "disk", "ondisk": 1}
 
 
 def _largest_divisor_at_most(d: int, limit: int) -> int:
@@ -195,6 +201,8 @@ def resolve_kind(kind: str, dim: int, n: int, knobs: dict[str, Any],
         kind, auto_knobs = choose_kind(n, dim, memory_budget)
         knobs = {**auto_knobs, **{k: v for k, v in knobs.items() if k in default_knobs(kind, dim, n)}}
         log.info("kind=auto chose %s for %d vectors of dim %d", kind, n, dim)
+    elif kind == "ivfpq" and "refine" not in knobs and "ondisk" not in knobs:
+        knobs = {**ivfpq_layout(n, dim, memory_budget), **knobs}  # the re-rank copy the budget allows
     defaults = default_knobs(kind, dim, n)
     unknown = sorted(set(knobs) - set(defaults))
     if unknown:
