@@ -17,9 +17,19 @@ ViT-S/16 and ViT-B/14 (random init, 224 px), Pillow decoding in workers vs `deco
     .venv/bin/python benchmarks/scale.py --decode-check --device cuda --images 2048 --batch-size 256
     .venv/bin/python benchmarks/scale.py --decode-check --device cpu --images 16 --batch-size 8   # dry run
 
-TODO(index store): the issue's 10M-vector (clustered, 384-d) index build under a 4 GB budget
-(build time, peak RSS, recall@10, queries/s) belongs here once `dinokit index build --features DIR
---memory-budget` exists (the index-store work); it will stream `dinokit.iter_embeddings(DIR)`.
+Index check (issue 19, "Indexes from shards"): N clustered 384-d vectors (default 10,000,000;
+deterministic: 4096 centres in a 64-d latent space, projected to 384-d, plus isotropic noise, unit
+norm) are streamed into a real sharded feature folder (npy shards of --shard-rows, written by
+dinokit.shards), then `python -m dinokit.cli index build --features DIR --memory-budget 4GB` runs in
+a subprocess so its peak RSS (ru_maxrss of the child) is its own. Then recall@10 of 1,000 held-out
+queries against exact ground truth (faiss.knn shard by shard, merged) and queries/s (a batch of
+1,000 and single queries), with --threads FAISS threads. One JSON line and a Markdown row:
+
+    .venv/bin/python benchmarks/scale.py --index-check --vectors 200000    # minutes
+    .venv/bin/python benchmarks/scale.py --index-check                     # 10M: ~32 GB of disk, hours
+
+The data (shards + index, ~3.2 KB per vector) goes under --workdir (default: a temp folder under
+/tmp) and is removed afterwards unless --keep.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -82,10 +92,132 @@ def run(nproc: int, model_dir: Path, images: Path, out: Path, batch_size: int, s
     return row
 
 
+# ------------------------------------------------------------------------------ index from shards
+
+LATENT, CENTRES = 64, 4096
+
+
+def _clustered(rng_seed: int, n: int, dim: int, base_seed: int = 0) -> np.ndarray:
+    """n unit vectors (n, dim) float32: latent clusters projected to ``dim`` plus noise (seeded)."""
+    base = np.random.default_rng(base_seed)
+    centres = base.standard_normal((CENTRES, LATENT)).astype(np.float32)
+    proj = base.standard_normal((LATENT, dim)).astype(np.float32) / np.sqrt(LATENT)
+    rng = np.random.default_rng(rng_seed)
+    z = centres[rng.integers(0, CENTRES, n)] + 0.5 * rng.standard_normal((n, LATENT)).astype(np.float32)
+    x = z @ proj + 0.1 * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def write_feature_folder(folder: Path, n: int, dim: int, shard_rows: int) -> None:
+    """A complete sharded feature folder (npy shards, manifest) of n clustered vectors, shard by shard."""
+    from dinokit._io import write_json
+    from dinokit.shards import plan_shards, write_shard
+
+    folder.mkdir(parents=True)
+    plan = plan_shards(n, shard_rows)
+    records = []
+    for i, (a, b) in enumerate(plan):
+        x = _clustered(1000 + i, b - a, dim)
+        records.append(write_shard(folder, i, len(plan), (a, b), x, [f"v/{j:09d}" for j in range(a, b)], {}, [],
+                                   "npy"))
+        del x
+    write_json(folder / "manifest.json", {
+        "format_version": 1, "inputs": {"kind": "synthetic", "spec": "clustered", "count": n},
+        "model": {"model": "synthetic"}, "preprocessing": {}, "features": "cls", "feature_shape": [dim],
+        "dtype": "float32", "format": "npy", "shard_size": shard_rows, "status": "complete", "world_size": 1,
+        "rows": n, "skipped": [], "shards": records})
+
+
+def ground_truth(folder: Path, q: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids (Q, k) of normalized queries over a feature folder, streamed shard by shard."""
+    import faiss
+
+    from dinokit.retrieval.stream import read_feature_manifest, shard_records
+    from dinokit.shards import read_shard
+
+    manifest = read_feature_manifest(folder)
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    for rec, offset in shard_records(manifest, None):
+        x, _, _ = read_shard(folder, rec, manifest["feature_shape"])
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        s, i = faiss.knn(q, np.ascontiguousarray(x, np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
+        both_s, both_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + offset], 1)
+        order = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(both_s, order, 1), np.take_along_axis(both_i, order, 1)
+        del x
+    return best_i
+
+
+def index_check(args: argparse.Namespace) -> None:
+    """Build an index from a sharded folder of N synthetic vectors under a budget, in a subprocess."""
+    import resource
+    import shutil
+    import time
+
+    import faiss
+
+    from dinokit.devices import cpu_vector_extensions
+    from dinokit.retrieval.index import Index
+
+    work = Path(tempfile.mkdtemp(prefix="dinokit-index-check-", dir=args.workdir))
+    try:
+        t0 = time.perf_counter()
+        write_feature_folder(work / "feats", args.vectors, args.dim, args.shard_rows)
+        gen_s = time.perf_counter() - t0
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        cmd = [sys.executable, "-m", "dinokit.cli", "index", "build", "--features", str(work / "feats"),
+               "--out", str(work / "index"), "--memory-budget", args.memory_budget, "--threads",
+               str(args.threads), "--json"]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        build_s = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-3000:])
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        info = json.loads(res.stdout)
+        q = _clustered(7, args.queries, args.dim)
+        t0 = time.perf_counter()
+        truth = ground_truth(work / "feats", q, 10)
+        truth_s = time.perf_counter() - t0
+        faiss.omp_set_num_threads(args.threads)
+        index = Index.load(work / "index", read_only=True)
+        index.search_vectors(q[:50], 10)  # warm-up: page in the index and the quantizer
+        t0 = time.perf_counter()
+        got = index.search_vectors(q, 10).ids
+        batch_qps = len(q) / (time.perf_counter() - t0)
+        n_single = min(200, len(q))
+        t0 = time.perf_counter()
+        for i in range(n_single):
+            index.search_vectors(q[i], 10)
+        single_qps = n_single / (time.perf_counter() - t0)
+        rec = float(np.mean([len(set(got[i]) & set(truth[i])) / 10 for i in range(len(q))]))
+        disk = sum(f.stat().st_size for f in (work / "index").iterdir())
+        row = {
+            "check": "index_from_shards", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu_vector_extensions(), "threads": args.threads, "vectors": args.vectors, "dim": args.dim,
+            "shard_rows": args.shard_rows, "memory_budget": args.memory_budget, "kind": info["kind"],
+            "knobs": info["knobs"], "generate_s": round(gen_s, 1), "build_s": round(build_s, 1),
+            "peak_rss_gb": round(peak_rss / 2**30, 3), "index_disk_gb": round(disk / 2**30, 2),
+            "recall_at_10": round(rec, 4), "batch_qps": round(batch_qps, 1), "single_qps": round(single_qps, 1),
+            "ground_truth_s": round(truth_s, 1),
+        }
+        print(json.dumps(row), flush=True)
+        print(f"| {args.vectors:,} | {args.memory_budget} | {info['kind']} refine={info['knobs'].get('refine')} "
+              f"ondisk={info['knobs'].get('ondisk')} | {row['build_s']} s | {row['peak_rss_gb']} GB | "
+              f"{row['recall_at_10']} | {row['batch_qps']} | {row['single_qps']} |")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def decode_check(args: argparse.Namespace) -> None:
     """images/s of embed() with Pillow decoding in workers vs decoding on the device, two model sizes."""
     import time
 
+    import torch
     from embed import make_jpegs
 
     from dinokit.embedding import embed
@@ -118,9 +250,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--decode-check", action="store_true", help="Pillow vs device decoding, one process")
     ap.add_argument("--device", default="cpu", help="for --decode-check: cuda or cpu")
+    ap.add_argument("--index-check", action="store_true", help="index build from shards under a memory budget")
+    ap.add_argument("--vectors", type=int, default=10_000_000, help="for --index-check")
+    ap.add_argument("--dim", type=int, default=384, help="for --index-check")
+    ap.add_argument("--shard-rows", type=int, default=500_000, help="for --index-check")
+    ap.add_argument("--memory-budget", default="4GB", help="for --index-check")
+    ap.add_argument("--queries", type=int, default=1000, help="for --index-check")
+    ap.add_argument("--threads", type=int, default=2, help="for --index-check: FAISS threads")
+    ap.add_argument("--workdir", default=None, help="for --index-check: where the data goes (default /tmp)")
+    ap.add_argument("--keep", action="store_true", help="for --index-check: keep the generated data")
     args = ap.parse_args()
     if args.decode_check:
         decode_check(args)
+        return
+    if args.index_check:
+        index_check(args)
         return
 
     from embed import make_jpegs, random_vit_s16

@@ -139,8 +139,7 @@ def test_merge_with_shared_quantizers_concatenates_lists(tmp_path: Path, data: n
     feats = feature_folder(tmp_path / "feats", data, 500)
     Index.from_shards(feats, tmp_path / "t", kind="ivfpq", refine="disk", nlist=16)
     for name, shards in (("a", (0, 2)), ("b", (2, 6))):
-        Index.from_shards(feats, tmp_path / name, kind="ivfpq", refine="disk", nlist=16, shards=shards,
-                          trained_from=tmp_path / "t")
+        Index.from_shards(feats, tmp_path / name, shards=shards, trained_from=tmp_path / "t")  # its knobs
     merged = Index.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     # the same codes in the same lists as the index of the whole: the same results
     got, want = merged.search_vectors(queries, 10), Index.load(tmp_path / "t").search_vectors(queries, 10)

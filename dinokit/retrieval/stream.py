@@ -44,6 +44,7 @@ from dinokit.retrieval.kinds import (
     _new_faiss_index,
     faiss,
     normalize,
+    reranks_from_disk,
     resolve_kind,
 )
 from dinokit.retrieval.metadata import MetadataLike, check_metadata, read_metadata_file
@@ -138,6 +139,9 @@ def build_from_shards(features_dir: str | os.PathLike[str], out: str | os.PathLi
     n, dim = sum(int(r["rows"]) for r, _ in records), int(manifest["feature_shape"][0])
     if n == 0:
         raise ValueError(f"{features_dir}: no rows to index")
+    if trained_from is not None:  # the trained index decides the layout; search knobs may be overridden
+        kind, knobs = "ivfpq", {**_trained_knobs(trained_from), **{k: v for k, v in knobs.items()
+                                                                    if k in ("nprobe", "k_factor")}}
     real_kind, full = resolve_kind(kind, dim, n, dict(knobs), budget)
     log.info("%s: %d vectors of dim %d -> %s index (%s) under a %.1f GB budget", features_dir, n, dim, real_kind,
              ", ".join(f"{k}={v}" for k, v in full.items()) or "exact", budget / 2**30)
@@ -171,18 +175,28 @@ def build_from_shards(features_dir: str | os.PathLike[str], out: str | os.PathLi
     return write_folder(out, fill)
 
 
+def _trained_knobs(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The knobs of the IVF-PQ main index of the index folder ``folder`` (ValueError for another kind)."""
+    store = Store.open(Path(folder), read_only=True)
+    try:
+        meta = store.meta()
+    finally:
+        store.close()
+    if meta.get("main_kind") != "ivfpq":
+        raise ValueError(f"{folder}: a {meta.get('main_kind')} index; --trained-from needs an ivfpq index")
+    if (meta.get("main_knobs") or {}).get("ondisk"):
+        raise ValueError(f"{folder}: its inverted lists are on disk; --trained-from needs an in-RAM ivfpq index")
+    return dict(meta["main_knobs"])
+
+
 def _trained_index(folder: str | os.PathLike[str], kind: str, knobs: dict[str, Any], dim: int) -> Any:
-    """An empty copy of the trained IVF-PQ index of the index folder ``folder`` (same kind and knobs)."""
+    """An empty copy of the trained IVF-PQ index of the index folder ``folder``."""
     store = Store.open(Path(folder), read_only=True)
     try:
         meta = store.meta()
         main = next((s for s in store.snapshot().segments if s.role == "main"), None)
-        same = {k: v for k, v in (meta.get("main_knobs") or {}).items() if k not in ("nprobe", "k_factor")} == \
-            {k: v for k, v in knobs.items() if k not in ("nprobe", "k_factor")}
-        if main is None or main.kind != kind or kind != "ivfpq" or int(meta["dim"]) != dim or not same \
-                or knobs.get("ondisk"):
-            raise ValueError(f"{folder}: not an ivfpq index of dimension {dim} with knobs "
-                             f"{knobs} (--trained-from needs the same kind and knobs)")
+        if main is None or main.kind != kind or int(meta["dim"]) != dim or knobs.get("ondisk"):
+            raise ValueError(f"{folder}: not an in-RAM ivfpq index of dimension {dim}")
         index = faiss.clone_index(main.index)
         index.reset()
         return index
@@ -400,7 +414,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
     if not kind:  # the first input was never compacted: choose as a build would
         kind, knobs = resolve_kind(str(first["kind"]), dim, n, dict(first.get("knobs") or {}), budget)
     mains = [next((seg for seg in snap.segments if seg.role == "main"), None) for snap in snaps]
-    same_trained = (kind == "ivfpq" and not knobs.get("ondisk") and not renumber and all(m is not None and m.kind == "ivfpq" for m in mains)
+    same_trained = (reranks_from_disk(kind, knobs) and not knobs.get("ondisk") and not renumber and all(m is not None and m.kind == "ivfpq" for m in mains)
                     and len({_trained_bytes(m.index) for m in mains if m is not None}) == 1
                     and all(len(snap.deleted) == 0 and len(snap.segments) == 1 for snap in snaps)
                     and np.array_equal(order, np.arange(n)))
