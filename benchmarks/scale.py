@@ -27,6 +27,7 @@ queries against exact ground truth (faiss.knn shard by shard, merged) and querie
 
     .venv/bin/python benchmarks/scale.py --index-check --vectors 200000    # minutes
     .venv/bin/python benchmarks/scale.py --index-check                     # 10M: ~32 GB of disk, hours
+    .venv/bin/python benchmarks/scale.py --index-check --vectors 1000000 --memory-budget 400MB --compare-flat
 
 The data (shards + index, ~3.2 KB per vector) goes under --workdir (default: a temp folder under
 /tmp) and is removed afterwards unless --keep.
@@ -95,6 +96,15 @@ def run(nproc: int, model_dir: Path, images: Path, out: Path, batch_size: int, s
 # ------------------------------------------------------------------------------ index from shards
 
 LATENT, CENTRES = 64, 4096
+# `python -m dinokit.cli ARGS` that prints its peak resident memory (VmHWM of /proc/self/status) at exit
+HWM_RUNNER = """
+import atexit, runpy, sys
+def hwm():
+    sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')))
+atexit.register(hwm)
+sys.argv = ['dinokit'] + sys.argv[1:]
+runpy.run_module('dinokit.cli', run_name='__main__')
+"""
 
 
 def _clustered(rng_seed: int, n: int, dim: int, base_seed: int = 0) -> np.ndarray:
@@ -150,10 +160,49 @@ def ground_truth(folder: Path, q: np.ndarray, k: int) -> np.ndarray:
     return best_i
 
 
+def _build_child(work: Path, name: str, args: argparse.Namespace, *extra: str) -> dict:
+    """`dinokit index build --features` in a child process: its info, build seconds and peak RSS."""
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # the child reports its own VmHWM at exit: ru_maxrss of a forked child starts at the parent's
+    # RSS (Linux carries the pre-exec high-water mark across exec), so it cannot be used here
+    cmd = [sys.executable, "-c", HWM_RUNNER, "index", "build", "--features", str(work / "feats"),
+           "--out", str(work / name), "--threads", str(args.threads), "--json", *extra]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    hwm = [line for line in res.stderr.splitlines() if line.startswith("VmHWM:")]
+    info = json.loads(res.stdout)
+    return {"kind": info["kind"], "knobs": info["knobs"], "build_s": round(seconds, 1),
+            "peak_rss_gb": round(int(hwm[-1].split()[1]) * 1024 / 2**30, 3),
+            "index_disk_gb": round(sum(f.stat().st_size for f in (work / name).iterdir()) / 2**30, 2)}
+
+
+def _speed(index: object, q: np.ndarray, truth: np.ndarray) -> dict:
+    """recall@10 and queries/s (one batch of all queries; 200 single queries) of an opened index."""
+    import time
+
+    t0 = time.perf_counter()
+    got = index.search_vectors(q, 10).ids  # type: ignore[attr-defined]
+    batch_qps = len(q) / (time.perf_counter() - t0)
+    n_single = min(200, len(q))
+    t0 = time.perf_counter()
+    for i in range(n_single):
+        index.search_vectors(q[i], 10)  # type: ignore[attr-defined]
+    single_qps = n_single / (time.perf_counter() - t0)
+    rec = float(np.mean([len(set(got[i]) & set(truth[i])) / 10 for i in range(len(q))]))
+    return {"recall_at_10": round(rec, 4), "batch_qps": round(batch_qps, 1), "single_qps": round(single_qps, 1)}
+
+
 def index_check(args: argparse.Namespace) -> None:
-    """Build an index from a sharded folder of N synthetic vectors under a budget, in a subprocess."""
-    import resource
+    """Build an index from a sharded folder of N synthetic vectors under a budget, in a subprocess;
+    with --compare-flat also the same IVF-PQ with its float32 re-rank copy in RAM, timed alternately."""
     import shutil
+    import statistics
     import time
 
     import faiss
@@ -166,48 +215,43 @@ def index_check(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         write_feature_folder(work / "feats", args.vectors, args.dim, args.shard_rows)
         gen_s = time.perf_counter() - t0
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-               "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        cmd = [sys.executable, "-m", "dinokit.cli", "index", "build", "--features", str(work / "feats"),
-               "--out", str(work / "index"), "--memory-budget", args.memory_budget, "--threads",
-               str(args.threads), "--json"]
-        t0 = time.perf_counter()
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        build_s = time.perf_counter() - t0
-        if res.returncode != 0:
-            raise RuntimeError(res.stderr[-3000:])
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-        info = json.loads(res.stdout)
+        built = {"budget": _build_child(work, "index", args, "--memory-budget", args.memory_budget)}
+        if args.compare_flat:
+            knobs = built["budget"]["knobs"]
+            built["flat"] = _build_child(work, "index-flat", args, "--kind", "ivfpq", "--knob", "refine=flat",
+                                         "--knob", f"nlist={knobs.get('nlist', 1)}", "--memory-budget", "1TB")
         q = _clustered(7, args.queries, args.dim)
         t0 = time.perf_counter()
         truth = ground_truth(work / "feats", q, 10)
         truth_s = time.perf_counter() - t0
         faiss.omp_set_num_threads(args.threads)
-        index = Index.load(work / "index", read_only=True)
-        index.search_vectors(q[:50], 10)  # warm-up: page in the index and the quantizer
-        t0 = time.perf_counter()
-        got = index.search_vectors(q, 10).ids
-        batch_qps = len(q) / (time.perf_counter() - t0)
-        n_single = min(200, len(q))
-        t0 = time.perf_counter()
-        for i in range(n_single):
-            index.search_vectors(q[i], 10)
-        single_qps = n_single / (time.perf_counter() - t0)
-        rec = float(np.mean([len(set(got[i]) & set(truth[i])) / 10 for i in range(len(q))]))
-        disk = sum(f.stat().st_size for f in (work / "index").iterdir())
+        opened = {"budget": Index.load(work / "index", read_only=True)}
+        if args.compare_flat:
+            opened["flat"] = Index.load(work / "index-flat", read_only=True)
+        for index in opened.values():
+            index.search_vectors(q[:50], 10)  # warm-up: page in the index and the quantizer
+        runs: dict[str, list[dict]] = {k: [] for k in opened}
+        for _ in range(args.rounds if args.compare_flat else 1):  # alternating: same machine state
+            for name, index in opened.items():
+                runs[name].append(_speed(index, q, truth))
+        for name, rs in runs.items():
+            built[name].update({k: statistics.median(r[k] for r in rs) for k in rs[0]})
         row = {
             "check": "index_from_shards", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu_vector_extensions(), "threads": args.threads, "vectors": args.vectors, "dim": args.dim,
-            "shard_rows": args.shard_rows, "memory_budget": args.memory_budget, "kind": info["kind"],
-            "knobs": info["knobs"], "generate_s": round(gen_s, 1), "build_s": round(build_s, 1),
-            "peak_rss_gb": round(peak_rss / 2**30, 3), "index_disk_gb": round(disk / 2**30, 2),
-            "recall_at_10": round(rec, 4), "batch_qps": round(batch_qps, 1), "single_qps": round(single_qps, 1),
-            "ground_truth_s": round(truth_s, 1),
+            "shard_rows": args.shard_rows, "memory_budget": args.memory_budget, "generate_s": round(gen_s, 1),
+            "ground_truth_s": round(truth_s, 1), **built["budget"],
         }
+        if args.compare_flat:
+            flat = built["flat"]
+            row["flat_refine"] = flat
+            row["qps_ratio_budget_vs_flat"] = {k: round(built["budget"][k] / flat[k], 3)
+                                               for k in ("batch_qps", "single_qps")}
         print(json.dumps(row), flush=True)
-        print(f"| {args.vectors:,} | {args.memory_budget} | {info['kind']} refine={info['knobs'].get('refine')} "
-              f"ondisk={info['knobs'].get('ondisk')} | {row['build_s']} s | {row['peak_rss_gb']} GB | "
-              f"{row['recall_at_10']} | {row['batch_qps']} | {row['single_qps']} |")
+        for name, b in built.items():
+            print(f"| {args.vectors:,} | {args.memory_budget if name == 'budget' else 'none'} | {b['kind']} "
+                  f"refine={b['knobs'].get('refine')} ondisk={b['knobs'].get('ondisk')} | {b['build_s']} s | "
+                  f"{b['peak_rss_gb']} GB | {b['recall_at_10']} | {b['batch_qps']} | {b['single_qps']} |")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -259,6 +303,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="for --index-check: FAISS threads")
     ap.add_argument("--workdir", default=None, help="for --index-check: where the data goes (default /tmp)")
     ap.add_argument("--keep", action="store_true", help="for --index-check: keep the generated data")
+    ap.add_argument("--compare-flat", action="store_true", help="for --index-check: also build the same IVF-PQ "
+                    "with its float32 re-rank copy in RAM and time both alternately (--rounds rounds)")
     args = ap.parse_args()
     if args.decode_check:
         decode_check(args)

@@ -189,6 +189,13 @@ def test_cli_build_from_features_and_merge(tmp_path: Path, data: np.ndarray) -> 
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["count"] == 1200
     assert Index.load(tmp_path / "m").search_vectors(data[700], 1).ids[0, 0] == 700
+    # on-disk lists: faiss's printf notices must not reach stdout (--json stays parseable)
+    cmd = [sys.executable, "-m", "dinokit.cli", "index", "build", "--features", str(feats), "--out",
+           str(tmp_path / "od"), "--kind", "ivfpq", "--knob", "nlist=8", "--memory-budget", "4KB", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["knobs"]["ondisk"] == 1 and "resizing" in done.stderr
     res = runner.invoke(app, ["index", "build", "--features", str(feats), "--out", str(tmp_path / "x"),
                               "--memory-budget", "lots"])
     assert res.exit_code != 0 and "--memory-budget" in res.output

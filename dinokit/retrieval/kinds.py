@@ -20,8 +20,13 @@ Kinds (``kind=``):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import faiss as _faiss_typed
@@ -167,6 +172,21 @@ def _train_sample(x: np.ndarray, knobs: dict[str, Any], seed: int = 0) -> np.nda
         return x
     rng = np.random.default_rng(seed)
     return x[np.sort(rng.choice(len(x), n_train, replace=False))]
+
+
+@contextlib.contextmanager
+def c_stdout_to_stderr() -> Iterator[None]:
+    """Send what C code prints on stdout to stderr meanwhile: FAISS's on-disk inverted lists print
+    notices with printf ("resizing FILE to N bytes"), which would corrupt ``--json`` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers what it printed to a pipe: out before the switch back
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def set_num_threads(n: int) -> None:

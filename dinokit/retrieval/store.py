@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from dinokit._validate import one_line
-from dinokit.retrieval.kinds import faiss
+from dinokit.retrieval.kinds import c_stdout_to_stderr, faiss
 from dinokit.retrieval.metadata import field_rows, filter_query
 
 log = logging.getLogger(__name__)
@@ -344,8 +344,13 @@ class Store:
     def _read_faiss(self, name: str) -> Any:
         # faiss reports a damaged file as a multi-line RuntimeError; on-disk inverted lists (.ivfdata)
         # are looked up beside the index file, so a moved or copied folder still finds them
-        return self._read(name, lambda p: faiss.read_index(str(p), faiss.IO_FLAG_ONDISK_SAME_DIR),
-                          "FAISS index", RuntimeError)
+        def read(path: Path) -> Any:
+            if not path.with_suffix(".ivfdata").is_file():
+                return faiss.read_index(str(path))
+            with c_stdout_to_stderr():  # faiss says on stdout that it found the lists beside the file
+                return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+        return self._read(name, read, "FAISS index", RuntimeError)
 
     def _read(self, name: str, reader: Any, what: str, damaged: type[Exception]) -> Any:
         """``reader(path)`` of the file ``name`` (memory store: the object kept under it).

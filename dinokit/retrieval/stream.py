@@ -3,7 +3,8 @@
 :func:`build_from_shards` never holds more than one shard, a training sample and the FAISS index
 that the memory budget allows:
 
-1. pass 1 over the shards (:func:`dinokit.embedding.iter_embeddings`): each shard is normalized and
+1. pass 1 over the shards (in the order and with the ``row_offset`` of
+   :func:`dinokit.embedding.iter_embeddings`): each shard is normalized and
    appended to the main segment's float32 vector file (plain writes: the page cache, not this
    process, holds what was written), its items (id = the shard's ``row_offset`` + row, path,
    metadata columns) are inserted in one SQLite transaction, and the rows of a seeded random
@@ -24,6 +25,7 @@ several machines) into one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,8 +44,8 @@ from dinokit.retrieval.kinds import (
     DEFAULT_MEMORY_BUDGET,
     Knob,
     _new_faiss_index,
+    c_stdout_to_stderr,
     faiss,
-    normalize,
     reranks_from_disk,
     resolve_kind,
 )
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 #: rows added to the FAISS index at a time in pass 2 (100k x 384-d float32 = 154 MB)
 CHUNK_ROWS = 100_000
+_INSERT_ROWS = 100_000  # items per SQLite transaction in pass 1
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30,
           "TB": 2**40, "T": 2**40}
 
@@ -259,19 +262,22 @@ def _write_vectors(store: Store, features_dir: Path, manifest: dict[str, Any],
             except (OSError, KeyError) as e:
                 raise ValueError(f"{features_dir}: shard {rec.get('index')} unreadable "
                                  f"({type(e).__name__}: {e})") from e
-            x = normalize(arr) if len(arr) else np.zeros((0, dim), np.float32)
+            x = _normalize_in_place(arr, dim, features_dir, rec)
             del arr
-            f.write(x.tobytes())
+            f.write(x.data)  # C-contiguous: written without a copy
             ids[done:done + len(x)] = np.arange(row_offset, row_offset + len(x))
             lo, hi = np.searchsorted(positions, [done, done + len(x)])
             sample[lo:hi] = x[positions[lo:hi] - done]
-            rows = [(row_offset + i, p, {**{k: v[i] for k, v in cols.items() if v[i] is not None},
-                                         **extra.get(p, {})}, False) for i, p in enumerate(paths)]
-            try:
-                store.insert_rows(rows, segment=segment, first_row=done)
-            except sqlite3.IntegrityError as e:
-                dup = _first_duplicate_path(store, [r[1] for r in rows])
-                raise ValueError(f"{dup or features_dir}: path given twice in {features_dir}") from e
+            rows: list[tuple[int, str, dict[str, Any], bool]] = []
+            for s in range(0, len(paths), _INSERT_ROWS):  # bounded Python objects per transaction
+                rows = [(row_offset + i, paths[i], {**{k: v[i] for k, v in cols.items() if v[i] is not None},
+                                                    **extra.get(paths[i], {})}, False)
+                        for i in range(s, min(s + _INSERT_ROWS, len(paths)))]
+                try:
+                    store.insert_rows(rows, segment=segment, first_row=done + s)
+                except sqlite3.IntegrityError as e:
+                    dup = _first_duplicate_path(store, [r[1] for r in rows])
+                    raise ValueError(f"{dup or features_dir}: path given twice in {features_dir}") from e
             done += len(x)
             del x, rows, paths, cols
             crash_point("index:shard-written")
@@ -280,6 +286,18 @@ def _write_vectors(store: Store, features_dir: Path, manifest: dict[str, Any],
         f.flush()
         os.fsync(f.fileno())
     return ids, sample
+
+
+def _normalize_in_place(arr: np.ndarray, dim: int, features_dir: Path, rec: dict[str, Any]) -> np.ndarray:
+    """Unit-norm rows of a shard's float32 array (n, dim), in place when it is writable (no copy)."""
+    x = np.require(arr, np.float32, ["C", "W"])
+    if x.ndim != 2 or (len(x) and x.shape[1] != dim):
+        raise ValueError(f"{features_dir}: shard {rec.get('index')} has shape {x.shape}, expected (n, {dim})")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{features_dir}: shard {rec.get('index')} holds NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
 
 
 def _first_duplicate_path(store: Store, paths: Sequence[str | None]) -> str | None:
@@ -318,11 +336,12 @@ def _add_vectors(index: Any, path: Path, n: int, dim: int, chunk_rows: int, prog
         invlists = faiss.OnDiskInvertedLists(index.nlist, index.code_size, str(ondisk))
         index.replace_invlists(invlists, True)
         invlists.this.disown()  # the index frees its lists
-    for start, x in iter_rows(path, n, dim, chunk_rows):
-        index.add(x)
-        crash_point("index:chunk-added")
-        if progress is not None:
-            progress(n + start + len(x), 2 * n)
+    with c_stdout_to_stderr() if ondisk is not None else contextlib.nullcontext():  # faiss's growth notices
+        for start, x in iter_rows(path, n, dim, chunk_rows):
+            index.add(x)
+            crash_point("index:chunk-added")
+            if progress is not None:
+                progress(n + start + len(x), 2 * n)
     return index
 
 
