@@ -116,7 +116,7 @@ def test_tiny_budget_puts_inverted_lists_on_disk(tmp_path: Path, data: np.ndarra
     idx = Index.load(tmp_path / "moved")
     assert idx.knobs["ondisk"] == 1 and idx.knobs["refine"] == "disk"
     assert len(list((tmp_path / "moved").glob("main-*.ivfdata"))) == 1
-    assert idx.info()["bytes_per_vector"] == 0.0
+    assert idx.info()["bytes_per_vector"] == 0.0 and idx.info()["memory_budget"] == 20 * 2**10
     exact = Index.from_features(data, paths_of(len(data)), kind="flat").search_vectors(queries, 10)
     got = idx.search_vectors(queries, 10)
     assert np.array_equal(got.ids[:, 0], exact.ids[:, 0]) and recall(got.ids, exact.ids) >= 0.95

@@ -529,9 +529,13 @@ class Index:
             self.compact()
         return n
 
-    def compact(self, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
+    def compact(self, *, memory_budget: int | None = None) -> bool:
         """Fold small segments and drop removed vectors: one main index of the chosen kind ("auto" is
-        decided again for the live count, IVF-PQ trained when the size calls for it).
+        decided again for the live count and ``memory_budget``: by default the budget the index was
+        built under, else 8 GB; IVF-PQ trained when the size calls for it).
+
+        The live vectors are loaded into memory for this (4*D bytes each: 15 GB for 10M x 384), even
+        for an index built from shards under a smaller budget; see docs/scale.md.
 
         Safe to run in the background: the new index is built outside the write lock (adds and removes
         go on meanwhile and stay in their own segments), then written beside the old one and swapped
@@ -545,9 +549,10 @@ class Index:
             return False
         try:
             ids, x = _live_vectors(snap)
+            budget = memory_budget or int(snap.meta.get("memory_budget") or DEFAULT_MEMORY_BUDGET)
             if len(ids):
                 kind, knobs = resolve_kind(snap.meta["kind"], self.dim, len(ids),
-                                           dict(snap.meta.get("knobs") or {}), memory_budget)
+                                           dict(snap.meta.get("knobs") or {}), budget)
             else:  # nothing left to train on: an empty exact index until the next compaction
                 kind, knobs = "flat", {}
             index = _reuse_or_build(snap, kind, knobs, ids, x)
@@ -748,6 +753,7 @@ class Index:
             "root": self.root,
             "roots": [str(r) for r in self.roots],
             "model": self.model_info,
+            "memory_budget": meta.get("memory_budget"),  # the budget a build from shards was given
             "bytes_per_vector": round(memory_per_vector(self.kind, self.dim, self.knobs), 1)
             if self.kind != "auto" else None,
         }

@@ -152,7 +152,8 @@ def build_from_shards(features_dir: str | os.PathLike[str], out: str | os.PathLi
     settings = {"dim": dim, "kind": kind, "knobs": dict(knobs), "model": _model_info(manifest, model_source),
                 "feature": manifest.get("features") or "cls",
                 "image_size": (manifest.get("preprocessing") or {}).get("crop_size"), "root": _root_of(manifest),
-                "main_kind": None, "main_knobs": None, "metric": "inner_product", "normalized": True}
+                "main_kind": None, "main_knobs": None, "metric": "inner_product", "normalized": True,
+                "memory_budget": budget}  # compactions decide "auto" under the same budget
     settings["roots"] = [settings["root"]] if settings["root"] else []
     check_index_target(out)
 
@@ -439,6 +440,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
                     and np.array_equal(order, np.arange(n)))
     settings = {k: first.get(k) for k in ("dim", "kind", "knobs", "model", "feature", "image_size", "root",
                                           "metric", "normalized")}
+    settings["memory_budget"] = budget
     settings["roots"] = sorted({r for s in stores for r in (s.meta().get("roots") or [])})
     check_index_target(out)
 
