@@ -429,12 +429,16 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
     new_ids = np.arange(n, dtype=np.int64) if renumber else old_ids
     order = np.argsort(new_ids, kind="stable")  # the main segment holds its ids sorted
     snaps = [s.snapshot() for s in stores]
-    kind = str(first.get("main_kind") or "")
-    knobs = dict(first.get("main_knobs") or {})
-    if not kind:  # the first input was never compacted: choose as a build would
+    first_kind, first_knobs = str(first.get("main_kind") or ""), dict(first.get("main_knobs") or {})
+    kind, knobs = first_kind, first_knobs
+    if not kind or first["kind"] == "auto":  # "auto" decides again for the merged count and the budget
         kind, knobs = resolve_kind(str(first["kind"]), dim, n, dict(first.get("knobs") or {}), budget)
+        if (kind, _layout(knobs)) == (first_kind, _layout(first_knobs)):
+            knobs = first_knobs  # the first input's layout still holds: keep its search knobs too
     mains = [next((seg for seg in snap.segments if seg.role == "main"), None) for snap in snaps]
-    same_trained = (reranks_from_disk(kind, knobs) and not knobs.get("ondisk") and not renumber and all(m is not None and m.kind == "ivfpq" for m in mains)
+    reusable = first_kind == kind == "ivfpq" and _layout(first_knobs) == _layout(knobs) and not knobs.get("ondisk")
+    same_trained = (reusable and reranks_from_disk(kind, knobs) and not renumber
+                    and all(m is not None and m.kind == "ivfpq" for m in mains)
                     and len({_trained_bytes(m.index) for m in mains if m is not None}) == 1
                     and all(len(snap.deleted) == 0 and len(snap.segments) == 1 for snap in snaps)
                     and np.array_equal(order, np.arange(n)))
@@ -471,7 +475,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
                 for m in mains[1:]:  # FAISS labels are rows of the segment: shift by the rows before
                     index.merge_from(faiss.clone_index(m.index), index.ntotal)  # type: ignore[union-attr]
             else:
-                index = _trained_copy(mains[0], kind, knobs, path, n, dim)
+                index = _trained_copy(mains[0] if reusable else None, kind, knobs, path, n, dim)
                 index = _add_vectors(index, path, n, dim, chunk_rows, progress,
                                      ondisk=tmp / (name + ".ivfdata") if knobs.get("ondisk") else None)
             store.commit_main(name, new_ids[order], index, kind, knobs)
@@ -496,9 +500,15 @@ def _gather(snap: Any, want: np.ndarray) -> np.ndarray:
     return x
 
 
+def _layout(knobs: dict[str, Any]) -> dict[str, Any]:
+    """The knobs that shape a built index (not the search-time ones)."""
+    return {k: v for k, v in knobs.items() if k not in ("nprobe", "k_factor", "ef_search")}
+
+
 def _trained_copy(main: Any, kind: str, knobs: dict[str, Any], path: Path, n: int, dim: int) -> Any:
-    """An empty FAISS index with the first input's trained parameters (trained afresh when it has none)."""
-    if main is not None and main.kind == kind == "ivfpq" and not knobs.get("ondisk"):
+    """An empty FAISS index with the trained parameters of ``main`` (the first input's main segment, when
+    its layout is the merged one), else a new one trained on a sample of the merged vector file."""
+    if main is not None:
         index = faiss.clone_index(main.index)
         index.reset()
         return index
