@@ -380,7 +380,14 @@ class Store:
         if self.folder is None:
             self._mem[name] = index
             return 0
-        return self._write_bytes(name, faiss.serialize_index(index).tobytes())
+        # written by faiss straight to the file: serializing to bytes first held two more copies of the
+        # index in memory (3x its size at the peak)
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        return (self.folder / name).stat().st_size
 
     def _write_bytes(self, name: str, data: Any) -> int:
         assert self.folder is not None
