@@ -86,6 +86,14 @@ def test_exact_kinds_same_neighbours_as_in_memory(tmp_path: Path, data: np.ndarr
     assert (res.ids % 3 == 2).all() and res.metadata[0, 0] == {"shop": 2}
 
 
+def test_metadata_file_adds_to_the_shard_columns(tmp_path: Path, data: np.ndarray) -> None:
+    feats = feature_folder(tmp_path / "feats", data[:200], 100)
+    (tmp_path / "extra.jsonl").write_text('{"path": "img/000005.jpg", "sku": "x"}\n')
+    idx = Index.from_shards(feats, tmp_path / "idx", metadata=tmp_path / "extra.jsonl")
+    assert idx.get(5)["metadata"] == {"shop": 2, "sku": "x"} and idx.get(6)["metadata"] == {"shop": 0}
+    assert idx.search_vectors(data[:3], 5, filter={"sku": "x"}).ids[:, 0].tolist() == [5, 5, 5]
+
+
 def test_ivfpq_disk_rerank_matches_flat_rerank(tmp_path: Path, data: np.ndarray, queries: np.ndarray) -> None:
     feats = feature_folder(tmp_path / "feats", data, 500)
     idx = Index.from_shards(feats, tmp_path / "idx", kind="ivfpq", refine="disk", nlist=16)

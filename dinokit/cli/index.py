@@ -75,7 +75,8 @@ _METADATA_HELP = ("Per-image metadata: a CSV, JSON-lines or parquet file with a 
 
 
 _BUDGET_HELP = ("Memory the index may use, with a unit: 512MB, 4GB (binary units). kind=auto picks the "
-                "largest in-RAM layout that fits (see docs/scale.md); a build from --features never holds more.")
+                "largest in-RAM layout that fits (see docs/scale.md); a build from --features holds that "
+                "index plus one shard, a training sample and a 100k-row chunk.")
 
 
 def _parse_shards(text: str | None) -> tuple[int, int] | None:
