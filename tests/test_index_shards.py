@@ -237,3 +237,18 @@ def test_merge_of_separately_trained_parts_re_encodes(tmp_path: Path, data: np.n
     assert recall(got.ids, exact.ids) >= 0.9  # codebooks trained on half the data: a little coarser
     # every vector is there under its id: re-ranking every candidate list gives the exact answer
     assert np.array_equal(merged.search_vectors(queries, 10, k_factor=300).ids, exact.ids)
+
+
+def test_merge_carries_adds_and_drops_removed_items(tmp_path: Path, data: np.ndarray, queries: np.ndarray) -> None:
+    feats = feature_folder(tmp_path / "feats", data, 500)
+    a = Index.from_shards(feats, tmp_path / "a", kind="flat", shards=(0, 3))
+    Index.from_shards(feats, tmp_path / "b", kind="flat", shards=(3, 6))
+    a.remove([5], compact=False)
+    a.add(features=queries[:1], paths=["new/q0.jpg"], metadata=[{"shop": 9}])  # id 1500: b has one too
+    told: list[str] = []
+    merge_indexes([tmp_path / "a", tmp_path / "b"], tmp_path / "m", on_renumber=told.append)
+    m = Index.load(tmp_path / "m")
+    assert told and len(m) == 3000 and m.ntotal == 3000
+    assert "img/000005.jpg" not in m and m.get(m.id_of("new/q0.jpg"))["metadata"] == {"shop": 9}
+    assert m.search_vectors(queries[:1], 1).paths[0, 0] == "new/q0.jpg"
+    np.testing.assert_allclose(m.vector(m.id_of("img/002000.jpg")), data[2000], rtol=1e-6)

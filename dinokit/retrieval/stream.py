@@ -26,7 +26,6 @@ several machines) into one.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -388,11 +387,20 @@ def _check_same(stores: list[Store], folders: list[Path]) -> dict[str, Any]:
     return first
 
 
-def _live_rows(store: Store) -> list[tuple[int, str | None, dict[str, Any]]]:
-    """(id, path, metadata) of the live items of a store, by id."""
-    with store._db:
-        return [(int(i), p, json.loads(m)) for i, p, m in store._conn.execute(
-            "SELECT id, path, metadata FROM items WHERE deleted = 0 ORDER BY id")]
+def _live_ids(snap: Any) -> np.ndarray:
+    """Sorted ids (int64) of the live items of a snapshot: what its segments hold minus the deleted."""
+    ids = np.concatenate([seg.ids for seg in snap.segments]) if snap.segments else np.zeros(0, np.int64)
+    if len(snap.deleted):
+        ids = ids[~np.isin(ids, snap.deleted)]
+    return np.sort(ids)
+
+
+def _duplicate_error(stores: list[Store], folders: list[Path], target: Store,
+                     paths: Sequence[str | None]) -> ValueError:
+    """The error for a chunk of merged items whose insert hit the live-path uniqueness rule."""
+    dup = _first_duplicate_path(target, paths)
+    where = [str(f) for s, f in zip(stores, folders, strict=True) if dup is not None and s.live_ids_of([dup])]
+    return ValueError(f"{dup}: live in both {' and '.join(where[:2]) or 'two inputs'}")
 
 
 def _trained_bytes(index: Any) -> bytes | None:
@@ -409,26 +417,18 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
            progress: Progress | None, on_renumber: Callable[[str], None] | None) -> Path:
     first = _check_same(stores, folders)
     dim = int(first["dim"])
-    rows = [_live_rows(s) for s in stores]
-    old_ids = np.concatenate([np.array([r[0] for r in part], np.int64) for part in rows])
-    source = np.concatenate([np.full(len(part), i, np.int32) for i, part in enumerate(rows)])
+    # ids (8 bytes each) are all held; paths and metadata are read a chunk at a time
+    snaps = [s.snapshot() for s in stores]
+    parts = [_live_ids(snap) for snap in snaps]
+    old_ids = np.concatenate(parts)
+    source = np.concatenate([np.full(len(part), i, np.int32) for i, part in enumerate(parts)])
+    del parts
     renumber = len(np.unique(old_ids)) != len(old_ids)
     if renumber and on_renumber is not None:
         on_renumber("the inputs share item ids: items renumbered 0.. in input order")
-    seen: dict[str, Path] = {}
-    for part, folder in zip(rows, folders, strict=True):
-        for _, p, _ in part:
-            if p is not None and p in seen:
-                raise ValueError(f"{p}: live in both {seen[p]} and {folder}")
-            if p is not None:
-                seen[p] = folder
-    del seen
-    items = [it for part in rows for it in part]
-    del rows
     n = len(old_ids)
     new_ids = np.arange(n, dtype=np.int64) if renumber else old_ids
     order = np.argsort(new_ids, kind="stable")  # the main segment holds its ids sorted
-    snaps = [s.snapshot() for s in stores]
     first_kind, first_knobs = str(first.get("main_kind") or ""), dict(first.get("main_knobs") or {})
     kind, knobs = first_kind, first_knobs
     if not kind or first["kind"] == "auto":  # "auto" decides again for the merged count and the budget
@@ -459,13 +459,21 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
                 for s in range(0, n, chunk_rows):
                     rows_ = order[s:s + chunk_rows]
                     x = np.empty((len(rows_), dim), np.float32)
+                    found: dict[int, tuple[str | None, dict[str, Any], bool]] = {}
                     for i, snap in enumerate(snaps):
                         mine = source[rows_] == i
                         if mine.any():
                             x[mine] = _gather(snap, old_ids[rows_[mine]])
-                    f.write(x.tobytes())
-                    store.insert_rows([(int(new_ids[r]), items[r][1], items[r][2], False) for r in rows_],
-                                      segment=name, first_row=s)
+                            got = stores[i].items(old_ids[rows_[mine]].tolist())
+                            found.update({int(r): got[int(old_ids[r])] for r in rows_[mine]})
+                    f.write(x.data)
+                    items = [(int(new_ids[r]), found[int(r)][0], found[int(r)][1], False) for r in rows_]
+                    try:
+                        store.insert_rows(items, segment=name, first_row=s)
+                    except sqlite3.IntegrityError as e:
+                        raise _duplicate_error(stores, folders, store, [it[1] for it in items]) from e
+                    if progress is not None:
+                        progress(s + len(rows_), 2 * n)
                 f.flush()
                 os.fsync(f.fileno())
             if kind == "flat":
