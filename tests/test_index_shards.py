@@ -252,3 +252,37 @@ def test_merge_carries_adds_and_drops_removed_items(tmp_path: Path, data: np.nda
     assert "img/000005.jpg" not in m and m.get(m.id_of("new/q0.jpg"))["metadata"] == {"shop": 9}
     assert m.search_vectors(queries[:1], 1).paths[0, 0] == "new/q0.jpg"
     np.testing.assert_allclose(m.vector(m.id_of("img/002000.jpg")), data[2000], rtol=1e-6)
+
+
+def test_compaction_of_a_disk_rerank_index_streams(tmp_path: Path, data: np.ndarray, queries: np.ndarray,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import dinokit.retrieval.index as index_mod
+    from dinokit.retrieval import stream
+
+    feats = feature_folder(tmp_path / "feats", data, 500)
+    idx = Index.from_shards(feats, tmp_path / "idx", kind="ivfpq", refine="disk", nlist=16)
+    before = idx.search_vectors(queries, 10)
+    idx.remove([int(before.ids[0, 0])], compact=False)
+    idx.add(features=queries[:1], paths=["new/q0.jpg"])
+
+    def no_load(*_: object) -> None:
+        raise AssertionError("compaction loaded every vector into memory")
+
+    real_add = stream._add_vectors
+
+    def add_meanwhile(*args: object, **kw: object) -> object:
+        # another writer commits while the new segment is being filled: its orphan sweep must keep the file
+        Index.load(tmp_path / "idx").add(features=queries[1:2], paths=["new/q1.jpg"])
+        return real_add(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index_mod, "_live_vectors", no_load)
+    monkeypatch.setattr(stream, "_add_vectors", add_meanwhile)
+    assert idx.compact()
+    snap = idx._store.snapshot()
+    assert [s.role for s in snap.segments] == ["main", "small"] and len(snap.deleted) == 0
+    assert len(idx) == 3001 and idx.ntotal == 3001
+    got = idx.search_vectors(queries[:2], 1).paths[:, 0].tolist()
+    assert got == ["new/q0.jpg", "new/q1.jpg"]
+    # the same neighbours as before for the other queries (same codes, same exact re-rank)
+    after = idx.search_vectors(queries[2:], 10)
+    assert np.array_equal(after.ids, before.ids[2:]) or recall(after.ids, before.ids[2:]) >= 0.95

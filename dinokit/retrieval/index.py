@@ -534,8 +534,9 @@ class Index:
         decided again for the live count and ``memory_budget``: by default the budget the index was
         built under, else 8 GB; IVF-PQ trained when the size calls for it).
 
-        The live vectors are loaded into memory for this (4*D bytes each: 15 GB for 10M x 384), even
-        for an index built from shards under a smaller budget; see docs/scale.md.
+        An IVF-PQ that re-ranks from disk (``refine="disk"``) and keeps its layout is compacted by
+        streaming: the live vectors are copied file to file in chunks into the new segment and re-added
+        to a copy of its trained index. Other kinds load the live vectors into memory (4*D bytes each).
 
         Safe to run in the background: the new index is built outside the write lock (adds and removes
         go on meanwhile and stay in their own segments), then written beside the old one and swapped
@@ -548,13 +549,20 @@ class Index:
             log.info("%s: a compaction is already running", self.folder)
             return False
         try:
-            ids, x = _live_vectors(snap)
+            from dinokit.retrieval.stream import can_compact_streamed, compact_streamed, live_ids
+
             budget = memory_budget or int(snap.meta.get("memory_budget") or DEFAULT_MEMORY_BUDGET)
-            if len(ids):
-                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, len(ids),
+            n_live = len(live_ids(snap))
+            if n_live:
+                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, n_live,
                                            dict(snap.meta.get("knobs") or {}), budget)
             else:  # nothing left to train on: an empty exact index until the next compaction
                 kind, knobs = "flat", {}
+            if can_compact_streamed(self._store, snap, kind, knobs):
+                compact_streamed(self._store, snap, kind, knobs)  # vectors never all in memory
+                self._store.snapshot()
+                return True
+            ids, x = _live_vectors(snap)
             index = _reuse_or_build(snap, kind, knobs, ids, x)
             with self._store.write_lock():
                 self._store.install_main(x, ids, index, kind, knobs, replaces=[s.name for s in snap.segments])

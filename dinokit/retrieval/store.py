@@ -431,6 +431,7 @@ class Store:
             return
         with self._db:
             known = {r[0] for r in self._conn.execute("SELECT name FROM segments")}
+        known.update(self._live_claim().get("writing", []))  # a running streamed compaction's new segment
         for p in self.folder.iterdir():
             orphan = _SEGMENT_RE.match(p.name) and p.name.split(".")[0] not in known
             if orphan or (p.name.startswith(".") and p.name.endswith(".tmp")):
@@ -613,13 +614,27 @@ class Store:
             self._set_meta({**values, "generation": self.generation() + 1})
             self._conn.execute("COMMIT")
 
-    def install_main(self, vectors: np.ndarray, ids: np.ndarray, index: Any, kind: str,
-                     knobs: dict[str, Any], replaces: Sequence[str]) -> None:
+    def claim_new_main(self) -> str:
+        """Under the write lock, by the process holding the compaction claim: a name for the main
+        segment it will write outside the lock (its files are kept while the claim lives)."""
+        claim = dict(self.meta().get("compacting") or {})
+        name = self._segment_name("main", self.generation() + 1)
+        claim["writing"] = [*claim.get("writing", []), name]
+        self.set_meta({"compacting": claim})
+        return name
+
+    def install_main(self, vectors: np.ndarray | None, ids: np.ndarray, index: Any, kind: str,
+                     knobs: dict[str, Any], replaces: Sequence[str], *, name: str | None = None) -> None:
         """Commit a new main segment holding ``ids`` (sorted) in place of the segments ``replaces``;
-        their other rows (deleted items) are dropped. Call under :meth:`write_lock`."""
+        their other rows (deleted items) are dropped. Call under :meth:`write_lock`. ``vectors`` None:
+        the vector file ``name.npy`` (a name from :meth:`claim_new_main`) is already written."""
         gen = self.generation() + 1
-        name = self._segment_name("main", gen)
-        self._write_array(name + ".npy", vectors)
+        if vectors is None:
+            assert name is not None and self.folder is not None
+            vectors = self._read_array(name + ".npy")
+        else:
+            name = self._segment_name("main", gen)
+            self._write_array(name + ".npy", vectors)
         self._write_array(name + ".ids.npy", ids)
         if kind != "flat":
             self._write_faiss(name + ".faiss", index)

@@ -387,7 +387,7 @@ def _check_same(stores: list[Store], folders: list[Path]) -> dict[str, Any]:
     return first
 
 
-def _live_ids(snap: Any) -> np.ndarray:
+def live_ids(snap: Any) -> np.ndarray:
     """Sorted ids (int64) of the live items of a snapshot: what its segments hold minus the deleted."""
     ids = np.concatenate([seg.ids for seg in snap.segments]) if snap.segments else np.zeros(0, np.int64)
     if len(snap.deleted):
@@ -419,7 +419,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
     dim = int(first["dim"])
     # ids (8 bytes each) are all held; paths and metadata are read a chunk at a time
     snaps = [s.snapshot() for s in stores]
-    parts = [_live_ids(snap) for snap in snaps]
+    parts = [live_ids(snap) for snap in snaps]
     old_ids = np.concatenate(parts)
     source = np.concatenate([np.full(len(part), i, np.int32) for i, part in enumerate(parts)])
     del parts
@@ -525,3 +525,43 @@ def _trained_copy(main: Any, kind: str, knobs: dict[str, Any], path: Path, n: in
         pos = np.sort(np.random.default_rng(0).choice(n, train_size(n, kind, knobs), replace=False))
         index.train(np.ascontiguousarray(np.load(path, mmap_mode="r")[pos], dtype=np.float32))
     return index
+
+
+# ---------------------------------------------------------------------------------------- compaction
+
+
+def can_compact_streamed(store: Store, snap: Any, kind: str, knobs: dict[str, Any]) -> bool:
+    """True when the compaction of ``snap`` into (kind, knobs) can stream: a folder store whose main
+    segment is an in-RAM-lists IVF-PQ re-ranking from disk with the same layout (its quantizers reused)."""
+    main = next((seg for seg in snap.segments if seg.role == "main"), None)
+    main_knobs = dict(snap.meta.get("main_knobs") or {})
+    return (store.folder is not None and main is not None and main.kind == kind == "ivfpq"
+            and reranks_from_disk(kind, knobs) and not knobs.get("ondisk")
+            and _layout(main_knobs) == _layout(knobs))
+
+
+def compact_streamed(store: Store, snap: Any, kind: str, knobs: dict[str, Any],
+                     chunk_rows: int = CHUNK_ROWS) -> None:
+    """Compact ``snap`` (claimed) without holding its vectors: the live rows of every segment are
+    written in id order into a new vector file chunk by chunk (outside the write lock, the file named
+    in the claim so that other writers leave it alone), re-added to an emptied copy of the main
+    segment's trained index, and the new segment is installed by one commit."""
+    assert store.folder is not None
+    main = next(seg for seg in snap.segments if seg.role == "main")
+    ids = live_ids(snap)
+    n, dim = len(ids), int(snap.meta["dim"])
+    with store.write_lock():
+        name = store.claim_new_main()
+    path = store.folder / (name + ".npy")
+    offset = _npy_header(path, n, dim)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        for s in range(0, n, chunk_rows):
+            f.write(_gather(snap, ids[s:s + chunk_rows]).data)
+        f.flush()
+        os.fsync(f.fileno())
+    index = faiss.clone_index(main.index)
+    index.reset()
+    index = _add_vectors(index, path, n, dim, chunk_rows, None, ondisk=None)
+    with store.write_lock():
+        store.install_main(None, ids, index, kind, knobs, replaces=[seg.name for seg in snap.segments], name=name)
