@@ -364,6 +364,8 @@ class Store:
             raise FileNotFoundError(f"{path}: missing")
         try:
             return reader(path)
+        except FileNotFoundError:  # removed between the check and the open by a commit: the snapshot retries
+            raise
         except damaged as e:
             raise ValueError(f"{path}: damaged {what} ({type(e).__name__}: {one_line(str(e))})") from e
 
