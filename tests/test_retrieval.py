@@ -102,7 +102,11 @@ def test_auto_choice_rule() -> None:
     assert choose_kind(200_000, 384)[0] == "hnsw"
     assert choose_kind(1_000_000, 384) == ("ivfpq", {"refine": "flat"})
     assert choose_kind(200_000, 384, memory_budget=2**28) == ("ivfpq", {"refine": "sq8"})
-    assert choose_kind(50_000_000, 384) == ("ivfpq", {"refine": "sq8"})
+    assert choose_kind(10_000_000, 384) == ("ivfpq", {"refine": "sq8"})
+    # past the 8-bit copy: re-ranked from the vector file, then the inverted lists themselves on disk
+    assert choose_kind(50_000_000, 384) == ("ivfpq", {"refine": "disk"})
+    assert choose_kind(10_000_000, 384, memory_budget=4 * 2**30) == ("ivfpq", {"refine": "disk"})
+    assert choose_kind(200_000_000, 384) == ("ivfpq", {"refine": "disk", "ondisk": 1})
     assert choose_kind(2_000_000, 384, memory_budget=3 * 2**30) == ("ivfpq", {"refine": "flat"})
     assert Index.from_features(clustered(300), names(300), kind="auto").kind == "flat"
 

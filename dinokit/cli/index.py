@@ -20,7 +20,8 @@ app.add_typer(index_app, name="index")
 # faiss logs which CPU build it loads at INFO on every import: noise on a command line
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
-_KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW up to 250k, else IVF-PQ with exact re-rank; "
+_KIND_HELP = ("Index kind: auto (flat under 20k images, HNSW up to 250k, else IVF-PQ with exact re-rank "
+              "from RAM, 8-bit codes or the vector file on disk, whichever fits --memory-budget; "
               "see dinokit.retrieval.kinds.choose_kind), flat (exact), hnsw, ivfpq.")
 
 
@@ -73,17 +74,43 @@ _METADATA_HELP = ("Per-image metadata: a CSV, JSON-lines or parquet file with a 
                   "stored, as given, or absolute); the other columns become filterable fields.")
 
 
+_BUDGET_HELP = ("Memory the index may use, with a unit: 512MB, 4GB (binary units). kind=auto picks the "
+                "largest in-RAM layout that fits (see docs/scale.md); a build from --features holds that "
+                "index plus one shard, a training sample and a 100k-row chunk.")
+
+
+def _parse_shards(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit() or int(start) >= int(stop):
+        _fail(f"--shards {text!r}: expected START:STOP shard numbers (STOP excluded), e.g. --shards 0:10")
+    return int(start), int(stop)
+
+
 @index_app.command("build")
 def index_build_cmd(
-    folder: Path = typer.Argument(..., help="Folder of images, searched recursively."),
-    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    folder: Path | None = typer.Argument(None, help="Folder of images, searched recursively (or give "
+                                         "--features DIR to index a feature folder instead)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=_MODEL_HELP + " Required with FOLDER; with a "
+                                     "feature folder, how to load the model for image queries (default: "
+                                     "the model its manifest names)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically)."),
     kind: str = typer.Option("auto", "--kind", help=_KIND_HELP),
     knob: list[str] | None = typer.Option(None, "--knob", help="Index knob KEY=VALUE, repeatable: hnsw M, "
                                           "ef_construction, ef_search; ivfpq nlist, pq_m, nprobe, "
-                                          "k_factor, refine (flat|sq8)."),
+                                          "k_factor, refine (flat|sq8|disk), ondisk (0|1)."),
     metadata: Path | None = typer.Option(None, "--metadata", help=_METADATA_HELP),
-    features: str = typer.Option("cls", "--features", help="Feature kind: cls, cls+avgpool, lastN."),
+    features: str = typer.Option("cls", "--features", help="With FOLDER: the feature kind (cls, cls+avgpool, "
+                                 "lastN). Without FOLDER: a sharded feature folder written by `dinokit embed "
+                                 "--out DIR`, indexed shard by shard without embedding (ids = row numbers)."),
+    memory_budget: str = typer.Option("8GB", "--memory-budget", help=_BUDGET_HELP),
+    shards: str | None = typer.Option(None, "--shards", help="With --features DIR: index only shards "
+                                      "START:STOP (STOP excluded), e.g. one machine's share; join the parts "
+                                      "with `dinokit index merge`."),
+    trained_from: Path | None = typer.Option(None, "--trained-from", help="With --features DIR: reuse the "
+                                             "trained quantizers of this IVF-PQ index (same knobs) instead of "
+                                             "training, so that `index merge` joins the parts without re-encoding."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
@@ -91,31 +118,98 @@ def index_build_cmd(
     threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Walk into links that lead outside FOLDER "
                                       "(default: skipped and reported; a link loop is visited once either way)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index's info as JSON on stdout."),
 ) -> None:
-    """Embed every image under FOLDER and write a search index.
+    """Embed every image under FOLDER and write a search index, or index a sharded feature folder.
 
-    Example: dinokit index build photos/ --model dino_vits16 --out photos.index --metadata products.csv
+    Examples: dinokit index build photos/ --model dino_vits16 --out photos.index --metadata products.csv
+
+    dinokit index build --features feats/ --out big.index --memory-budget 4GB
     """
-    from dinokit.hub import load
     from dinokit.retrieval.folder import check_index_target
     from dinokit.retrieval.index import Index
     from dinokit.retrieval.kinds import set_num_threads
     from dinokit.retrieval.metadata import read_metadata_file
+    from dinokit.retrieval.stream import parse_size
 
     if kind not in ("auto", "flat", "hnsw", "ivfpq"):
         _fail(f"--kind {kind!r}: expected auto, flat, hnsw or ivfpq")
+    try:
+        budget = parse_size(memory_budget)
+    except ValueError as e:
+        _fail(f"--memory-budget: {e}")
+    from_features = folder is None
+    if not from_features and Path(features).is_dir():
+        _fail(f"give either FOLDER (images to embed) or --features {features} (a feature folder), not both")
+    if from_features and not Path(features).is_dir():
+        _fail(f"--features {features!r}: give a folder of images, or --features DIR naming a feature folder")
+    if not from_features and model is None:
+        _fail("--model is required to embed a folder of images")
+    if (shards is not None or trained_from is not None) and not from_features:
+        _fail("--shards and --trained-from apply to a build from --features DIR")
     check_index_target(out_dir)  # fail before the embedding work, not after
     meta = read_metadata_file(metadata) if metadata is not None else None
     if threads:
         set_num_threads(threads)
-    net = load(model)
-    with progress_bar("embedding") as update:
-        index = Index.build(folder, model=net, kind=kind, metadata=meta, batch_size=batch_size, device=device,
-                            num_workers=workers, image_size=image_size, feature=features, progress=update,
-                            follow_links=follow_links, **_parse_knobs(knob))
-    index.save(out_dir)
-    console.print(f"indexed {len(index)} images ({index.kind}, dim {index.dim}) -> {out_dir}", highlight=False)
-    report_skipped(index.skipped, "unreadable files")
+    if from_features:
+        with progress_bar("indexing shards") as update:
+            index = Index.from_shards(Path(features), out_dir, kind=kind, memory_budget=budget, metadata=meta,
+                                      model_source=model, progress=update, shards=_parse_shards(shards),
+                                      trained_from=trained_from, **_parse_knobs(knob))
+        skipped: list[tuple[str, str]] = []
+    else:
+        from dinokit.hub import load
+
+        assert folder is not None and model is not None
+        net = load(model)
+        with progress_bar("embedding") as update:
+            index = Index.build(folder, model=net, kind=kind, metadata=meta, batch_size=batch_size, device=device,
+                                num_workers=workers, image_size=image_size, feature=features, progress=update,
+                                memory_budget=budget, follow_links=follow_links, **_parse_knobs(knob))
+        index.save(out_dir)
+        skipped = index.skipped
+    if as_json:
+        _print_json({**index.info(), "folder": str(out_dir), "skipped": [list(s) for s in skipped]})
+        return
+    console.print(f"indexed {len(index)} {'vectors' if from_features else 'images'} ({index.kind}, dim "
+                  f"{index.dim}) -> {out_dir}", highlight=False)
+    report_skipped(skipped, "unreadable files")
+
+
+@index_app.command("merge")
+def index_merge_cmd(
+    inputs: list[Path] = typer.Argument(..., help="Index folders to join (same model, feature kind and dimension)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Merged index folder to write (replaced atomically)."),
+    memory_budget: str = typer.Option("8GB", "--memory-budget", help=_BUDGET_HELP),
+    threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the merged index's info as JSON on stdout."),
+) -> None:
+    """Join indexes built on different machines (e.g. from disjoint --shards ranges) into one.
+
+    Ids are kept when no two inputs share one, else renumbered (said on stderr); a path live in two
+    inputs is an error; removed items are dropped. Inputs built with the same --trained-from index
+    are joined by concatenating their inverted lists; others are re-encoded with the first one's quantizers.
+
+    Example: dinokit index merge part0.index part1.index --out all.index
+    """
+    from dinokit.retrieval.index import Index
+    from dinokit.retrieval.kinds import set_num_threads
+    from dinokit.retrieval.stream import merge_indexes, parse_size
+
+    try:
+        budget = parse_size(memory_budget)
+    except ValueError as e:
+        _fail(f"--memory-budget: {e}")
+    if threads:
+        set_num_threads(threads)
+    with progress_bar("merging") as update:
+        merge_indexes(inputs, out_dir, memory_budget=budget, progress=update,
+                      on_renumber=lambda why: console.print(f"note: {why}", highlight=False))
+    index = Index.load(out_dir, read_only=True)
+    if as_json:
+        _print_json(index.info())
+        return
+    console.print(f"merged {len(inputs)} indexes: {len(index)} items ({index.kind}) -> {out_dir}", highlight=False)
 
 
 @index_app.command("add")

@@ -207,6 +207,34 @@ class Index:
         return cls(store)
 
     @classmethod
+    def from_shards(cls, features_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, kind: str = "auto",
+                    memory_budget: int | str = DEFAULT_MEMORY_BUDGET, metadata: MetadataLike | None = None,
+                    model_source: str | None = None, progress: Progress | None = None,
+                    shards: tuple[int, int] | None = None, trained_from: str | os.PathLike[str] | None = None,
+                    **knobs: Knob) -> Index:
+        """Index a sharded feature folder (``dinokit embed --out DIR``) into the folder ``out``, streaming
+        it shard by shard under ``memory_budget`` (bytes or "4GB"); ids are the rows' global numbers.
+        See :func:`dinokit.retrieval.stream.build_from_shards`. Returns the index opened from ``out``."""
+        from dinokit.retrieval.stream import build_from_shards
+
+        check_kind(kind)
+        build_from_shards(features_dir, out, kind=kind, memory_budget=memory_budget, metadata=metadata,
+                          model_source=model_source, progress=progress, shards=shards,
+                          trained_from=trained_from, **knobs)  # type: ignore[arg-type]
+        return cls.load(out)
+
+    @classmethod
+    def merge(cls, inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+              memory_budget: int | str = DEFAULT_MEMORY_BUDGET, progress: Progress | None = None) -> Index:
+        """Join index folders built from disjoint items (e.g. shard ranges on several machines) into the
+        folder ``out``; see :func:`dinokit.retrieval.stream.merge_indexes`. Returns the merged index."""
+        from dinokit.retrieval.stream import merge_indexes
+
+        merge_indexes(inputs, out, memory_budget=memory_budget, progress=progress,
+                      on_renumber=lambda why: log.warning("%s", why))
+        return cls.load(out)
+
+    @classmethod
     def build(cls, folder_or_paths: ImagePaths, model: nn.Module, kind: str = "auto", *,
               metadata: MetadataLike | None = None, batch_size: int = 64, device: Device = None,
               num_workers: int | None = None, image_size: int | None = None, feature: str = "cls",
@@ -501,9 +529,14 @@ class Index:
             self.compact()
         return n
 
-    def compact(self, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
+    def compact(self, *, memory_budget: int | None = None) -> bool:
         """Fold small segments and drop removed vectors: one main index of the chosen kind ("auto" is
-        decided again for the live count, IVF-PQ trained when the size calls for it).
+        decided again for the live count and ``memory_budget``: by default the budget the index was
+        built under, else 8 GB; IVF-PQ trained when the size calls for it).
+
+        An IVF-PQ that re-ranks from disk (``refine="disk"``) and keeps its layout is compacted by
+        streaming: the live vectors are copied file to file in chunks into the new segment and re-added
+        to a copy of its trained index. Other kinds load the live vectors into memory (4*D bytes each).
 
         Safe to run in the background: the new index is built outside the write lock (adds and removes
         go on meanwhile and stay in their own segments), then written beside the old one and swapped
@@ -516,12 +549,20 @@ class Index:
             log.info("%s: a compaction is already running", self.folder)
             return False
         try:
-            ids, x = _live_vectors(snap)
-            if len(ids):
-                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, len(ids),
-                                           dict(snap.meta.get("knobs") or {}), memory_budget)
+            from dinokit.retrieval.stream import can_compact_streamed, compact_streamed, live_ids
+
+            budget = memory_budget or int(snap.meta.get("memory_budget") or DEFAULT_MEMORY_BUDGET)
+            n_live = len(live_ids(snap))
+            if n_live:
+                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, n_live,
+                                           dict(snap.meta.get("knobs") or {}), budget)
             else:  # nothing left to train on: an empty exact index until the next compaction
                 kind, knobs = "flat", {}
+            if can_compact_streamed(self._store, snap, kind, knobs):
+                compact_streamed(self._store, snap, kind, knobs)  # vectors never all in memory
+                self._store.snapshot()
+                return True
+            ids, x = _live_vectors(snap)
             index = _reuse_or_build(snap, kind, knobs, ids, x)
             with self._store.write_lock():
                 self._store.install_main(x, ids, index, kind, knobs, replaces=[s.name for s in snap.segments])
@@ -723,6 +764,7 @@ class Index:
             "root": self.root,
             "roots": [str(r) for r in self.roots],
             "model": self.model_info,
+            "memory_budget": meta.get("memory_budget"),  # the budget a build from shards was given
             "bytes_per_vector": round(memory_per_vector(self.kind, self.dim, self.knobs), 1)
             if self.kind != "auto" else None,
         }
@@ -824,7 +866,9 @@ def _reuse_or_build(snap: Any, kind: str, knobs: dict[str, Any], ids: np.ndarray
     knobs still hold (O(new) work), an IVF-PQ refilled with its trained quantizers after removals, or
     a fresh build."""
     main = next((s for s in snap.segments if s.role == "main"), None)
-    if main is not None and main.kind == kind != "flat" and snap.meta.get("main_knobs") == knobs:
+    # on-disk inverted lists are not copied through memory: rebuilt (into memory) instead
+    if main is not None and main.kind == kind != "flat" and snap.meta.get("main_knobs") == knobs \
+            and not knobs.get("ondisk"):
         removed = len(snap.deleted) and np.isin(main.ids, snap.deleted).any()
         index = faiss.deserialize_index(faiss.serialize_index(main.index))  # never mutate a live index
         if not removed:

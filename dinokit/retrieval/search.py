@@ -5,6 +5,10 @@ bitmap ID selector that leaves out deleted items (or keeps only the items a filt
 allowed set is small, or the approximate search returns fewer results than exist, the allowed
 vectors are scored exactly instead, so a filtered search never returns fewer than
 min(k, passing items) results.
+
+An IVF-PQ index built with ``refine="disk"`` (or ``ondisk=1``) holds no copy of the vectors: FAISS
+returns ``k * k_factor`` candidates from the codes and they are re-ranked here by exact inner product
+with their rows of the segment's float32 vector file (memory-mapped: only those rows are read).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from dinokit.retrieval.kinds import faiss, search_params
+from dinokit.retrieval.kinds import faiss, reranks_from_disk, search_params
 from dinokit.retrieval.store import Segment, Snapshot
 
 # below this many allowed vectors exact scoring beats an approximate index with a selector
 EXACT_MAX = 4096
+# bytes of candidate vectors gathered at once by a re-rank from disk (64 queries x 320 x 384-d: 31 MB)
+_RERANK_BYTES = 32 * 2**20
 
 
 def search_snapshot(snap: Snapshot, x: np.ndarray, k: int, allowed: np.ndarray | None,
@@ -98,7 +104,30 @@ def _approximate(seg: Segment, x: np.ndarray, k: int, rows: np.ndarray | None, k
         mask[rows] = True
         bitmap = np.packbits(mask, bitorder="little")
         sel = faiss.IDSelectorBitmap(len(seg.ids), faiss.swig_ptr(bitmap))
-    params = search_params(seg.kind, knobs, sel, **{k_: v for k_, v in overrides.items() if v is not None})
+    given = {k_: v for k_, v in overrides.items() if v is not None}
+    params = search_params(seg.kind, knobs, sel, **given)
+    if reranks_from_disk(seg.kind, knobs):
+        n_cand = max(k, int(k * float(given.get("k_factor") or knobs.get("k_factor", 1))))
+        _, cand = seg.index.search(x, min(n_cand, len(seg.ids)), params=params)
+        del sel, bitmap
+        return _rerank(seg.vectors, x, cand.astype(np.int64), k)
     scores, found = seg.index.search(x, k, params=params)
     del sel, bitmap  # the selector points into the bitmap: both live until the search returned
     return scores.astype(np.float32), found.astype(np.int64)
+
+
+def _rerank(vectors: np.ndarray, x: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top ``k`` of candidate rows ``cand`` (Q, C) (-1: none) by inner product with ``x`` (Q, D),
+    reading the candidates' rows of ``vectors`` (a memory map), a block of queries at a time."""
+    q, c = cand.shape
+    block = max(1, _RERANK_BYTES // max(1, c * x.shape[1] * 4))  # block x C x D float32 gathered at once
+    scores = np.empty(cand.shape, np.float32)
+    for s in range(0, q, block):
+        rows = np.maximum(cand[s:s + block], 0)
+        gathered = np.asarray(vectors[rows.ravel()], dtype=np.float32).reshape(len(rows), c, -1)
+        scores[s:s + block] = np.matmul(gathered, x[s:s + block, :, None])[..., 0]  # batched dot products
+    scores[cand < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, 1)
+    found = np.where(np.isfinite(top), np.take_along_axis(cand, order, 1), -1)
+    return top, found.astype(np.int64)

@@ -7,7 +7,8 @@ Folder layout (format version 2)::
     write.lock           fcntl lock file: writers across processes take it in turn
     seg-<gen>-<uid>.npy  a small segment: float32 (n, D) unit vectors of ids first_id .. first_id+n-1
     main-<gen>-<uid>.npy the compacted vectors (float32 (n, D)), .ids.npy their ids (sorted), and
-                         .faiss the approximate index over them (hnsw / ivfpq; flat has none)
+                         .faiss the approximate index over them (hnsw / ivfpq; flat has none),
+                         .ivfdata its inverted lists when they live on disk (ivfpq ``ondisk=1``)
 
 Why it loses nothing: a writer writes its segment file (fsynced, renamed into place) before it
 commits the rows that name it, all in one transaction, and the database runs WAL with
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -45,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from dinokit._validate import one_line
-from dinokit.retrieval.kinds import faiss
+from dinokit.retrieval.kinds import c_stdout_to_stderr, faiss
 from dinokit.retrieval.metadata import field_rows, filter_query
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 DB_FILE = "index.db"
 LOCK_FILE = "write.lock"
-_SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss)$")
+_SEGMENT_RE = re.compile(r"^(seg|main)-[0-9]+-[0-9a-f]+(\.ids)?\.(npy|faiss|ivfdata)$")
+_SEGMENT_SUFFIXES = (".npy", ".ids.npy", ".faiss", ".ivfdata")
 _MAX_SMALL_SEGMENTS = 24
 _FILTER_CACHE = 32
 _ITEM_MEMO = 200_000  # item rows remembered per snapshot for searches
@@ -361,8 +364,15 @@ class Store:
         return self._read(name, lambda p: np.load(p, mmap_mode="r", allow_pickle=False), "vector file", Exception)
 
     def _read_faiss(self, name: str) -> Any:
-        # faiss reports a damaged file as a multi-line RuntimeError
-        return self._read(name, lambda p: faiss.read_index(str(p)), "FAISS index", RuntimeError)
+        # faiss reports a damaged file as a multi-line RuntimeError; on-disk inverted lists (.ivfdata)
+        # are looked up beside the index file, so a moved or copied folder still finds them
+        def read(path: Path) -> Any:
+            if not path.with_suffix(".ivfdata").is_file():
+                return faiss.read_index(str(path))
+            with c_stdout_to_stderr():  # faiss says on stdout that it found the lists beside the file
+                return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+        return self._read(name, read, "FAISS index", RuntimeError)
 
     def _read(self, name: str, reader: Any, what: str, damaged: type[Exception]) -> Any:
         """``reader(path)`` of the file ``name`` (memory store: the object kept under it).
@@ -376,6 +386,8 @@ class Store:
             raise FileNotFoundError(f"{path}: missing")
         try:
             return reader(path)
+        except FileNotFoundError:  # removed between the check and the open by a commit: the snapshot retries
+            raise
         except damaged as e:
             raise ValueError(f"{path}: damaged {what} ({type(e).__name__}: {one_line(str(e))})") from e
 
@@ -392,7 +404,14 @@ class Store:
         if self.folder is None:
             self._mem[name] = index
             return 0
-        return self._write_bytes(name, faiss.serialize_index(index).tobytes())
+        # written by faiss straight to the file: serializing to bytes first held two more copies of the
+        # index in memory (3x its size at the peak)
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        return (self.folder / name).stat().st_size
 
     def _write_bytes(self, name: str, data: Any) -> int:
         assert self.folder is not None
@@ -404,6 +423,16 @@ class Store:
         os.replace(tmp, self.folder / name)
         return len(data)
 
+    def _copy_file(self, src: Path, name: str) -> None:
+        """Copy ``src`` to ``name`` durably (temp file, fsync, rename), 1 MiB at a time."""
+        assert self.folder is not None
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(src, "rb") as r, open(tmp, "wb") as w:
+            shutil.copyfileobj(r, w, 1 << 20)
+            w.flush()
+            os.fsync(w.fileno())
+        os.replace(tmp, self.folder / name)
+
     def _sync_dir(self) -> None:
         if self.folder is not None:
             fd = os.open(self.folder, os.O_RDONLY)
@@ -414,7 +443,7 @@ class Store:
 
     def _remove_files(self, names: Sequence[str]) -> None:
         for seg in names:
-            for suffix in (".npy", ".ids.npy", ".faiss"):
+            for suffix in _SEGMENT_SUFFIXES:
                 if self.folder is None:
                     self._mem.pop(seg + suffix, None)
                 else:
@@ -426,6 +455,7 @@ class Store:
             return
         with self._db:
             known = {r[0] for r in self._conn.execute("SELECT name FROM segments")}
+        known.update(self._live_claim().get("writing", []))  # a running streamed compaction's new segment
         for p in self.folder.iterdir():
             orphan = _SEGMENT_RE.match(p.name) and p.name.split(".")[0] not in known
             if orphan or (p.name.startswith(".") and p.name.endswith(".tmp")):
@@ -608,13 +638,27 @@ class Store:
             self._set_meta({**values, "generation": self.generation() + 1})
             self._conn.execute("COMMIT")
 
-    def install_main(self, vectors: np.ndarray, ids: np.ndarray, index: Any, kind: str,
-                     knobs: dict[str, Any], replaces: Sequence[str]) -> None:
+    def claim_new_main(self) -> str:
+        """Under the write lock, by the process holding the compaction claim: a name for the main
+        segment it will write outside the lock (its files are kept while the claim lives)."""
+        claim = dict(self.meta().get("compacting") or {})
+        name = self._segment_name("main", self.generation() + 1)
+        claim["writing"] = [*claim.get("writing", []), name]
+        self.set_meta({"compacting": claim})
+        return name
+
+    def install_main(self, vectors: np.ndarray | None, ids: np.ndarray, index: Any, kind: str,
+                     knobs: dict[str, Any], replaces: Sequence[str], *, name: str | None = None) -> None:
         """Commit a new main segment holding ``ids`` (sorted) in place of the segments ``replaces``;
-        their other rows (deleted items) are dropped. Call under :meth:`write_lock`."""
+        their other rows (deleted items) are dropped. Call under :meth:`write_lock`. ``vectors`` None:
+        the vector file ``name.npy`` (a name from :meth:`claim_new_main`) is already written."""
         gen = self.generation() + 1
-        name = self._segment_name("main", gen)
-        self._write_array(name + ".npy", vectors)
+        if vectors is None:
+            assert name is not None and self.folder is not None
+            vectors = self._read_array(name + ".npy")
+        else:
+            name = self._segment_name("main", gen)
+            self._write_array(name + ".npy", vectors)
         self._write_array(name + ".ids.npy", ids)
         if kind != "flat":
             self._write_faiss(name + ".faiss", index)
@@ -641,18 +685,54 @@ class Store:
         _pause("compact-committed")
         self._remove_files(list(replaces))
 
-    def insert_rows(self, rows: Sequence[tuple[int, str | None, dict[str, Any], bool]]) -> None:
-        """Rows (id, path, metadata, deleted) of a main segment installed next; used when building."""
+    def main_segment_name(self) -> str:
+        """A fresh name for the next main segment (see :meth:`insert_rows` and :meth:`commit_main`)."""
+        return self._segment_name("main", self.generation() + 1)
+
+    def insert_rows(self, rows: Sequence[tuple[int, str | None, dict[str, Any], bool]], *,
+                    segment: str = "", first_row: int = -1) -> None:
+        """Rows (id, path, metadata, deleted) of a main segment installed next; used when building.
+
+        ``segment``/``first_row``: the main segment (not yet committed) whose rows ``first_row``.. hold
+        these items, for :meth:`commit_main`; left empty, :meth:`install_main` fills them in."""
+        now = time.time()
         with self._db:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(
                     "INSERT INTO items (id, path, metadata, deleted, segment, row, added) "
-                    "VALUES (?, ?, ?, ?, '', -1, ?)",
-                    [(i, p, json.dumps(m), int(d), time.time()) for i, p, m, d in rows])
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(i, p, json.dumps(m), int(d), segment, first_row + j if segment else -1, now)
+                     for j, (i, p, m, d) in enumerate(rows)])
                 self._insert_fields([(r[0], r[2]) for r in rows])
                 self._set_meta({"next_id": max((r[0] for r in rows), default=-1) + 1,
                                 "count": self._count() + sum(1 for r in rows if not r[3])})
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def commit_main(self, name: str, ids: np.ndarray, index: Any, kind: str, knobs: dict[str, Any]) -> None:
+        """Commit the main segment ``name`` whose vector file ``name.npy`` (float32 (n, D), rows in
+        ``ids`` order) is already written in the folder and whose items :meth:`insert_rows` stored
+        with ``segment=name``: writes the ids and the FAISS index, then one commit. For a store that
+        is being built (no other segment); the streamed build never copies its vectors through memory."""
+        assert self.folder is not None
+        vectors = self._read_array(name + ".npy")
+        dim = int(self.meta()["dim"])
+        if vectors.shape != (len(ids), dim) or vectors.dtype != np.float32:
+            raise ValueError(f"{self._where(name + '.npy')}: shape {vectors.shape} {vectors.dtype}, "
+                             f"expected ({len(ids)}, {dim}) float32")
+        self._write_array(name + ".ids.npy", ids)
+        if kind != "flat":
+            self._write_faiss(name + ".faiss", index)
+        self._sync_dir()
+        _pause("compact-written")
+        with self._db:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("INSERT INTO segments VALUES (?, 'main', ?, NULL, ?)", (name, len(ids), kind))
+                self._set_meta({"main_kind": kind, "main_knobs": knobs, "generation": self.generation() + 1})
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -672,6 +752,11 @@ class Store:
             dest.close()
         target = Store(folder, sqlite3.connect(":memory:"))
         for seg in snap.segments:
+            if self.folder is not None:  # file to file: never the whole vector file in memory
+                for suffix in _SEGMENT_SUFFIXES:
+                    if (self.folder / (seg.name + suffix)).is_file():
+                        target._copy_file(self.folder / (seg.name + suffix), seg.name + suffix)
+                continue
             target._write_array(seg.name + ".npy", np.asarray(seg.vectors))
             if seg.role == "main":
                 target._write_array(seg.name + ".ids.npy", seg.ids)
