@@ -37,8 +37,8 @@ def test_onnx_runtime_matches_torch_fp32(features: str, one_thread: None) -> Non
     pytest.importorskip("onnxruntime")
     model = _tiny_reg_vit() if features == "registers" else make_tiny_vit()
     x = _images(10)  # batches of 4, 4, 2: the export's batch axis must be dynamic
-    want = embed(model, x, batch_size=4, device="cpu", num_workers=0, features=features, precision="fp32")
-    got = embed(model, x, batch_size=4, device="cpu", num_workers=0, features=features, runtime="onnx")
+    want = embed(model, x, batch_size=4, device="cpu", num_workers=0, image_size=32, features=features, precision="fp32")
+    got = embed(model, x, batch_size=4, device="cpu", num_workers=0, image_size=32, features=features, runtime="onnx")
     assert got.features.shape == want.features.shape and got.features.dtype == torch.float32
     assert got.paths == want.paths
     rows_got, rows_want = got.features.flatten(0, -2), want.features.flatten(0, -2)
@@ -52,7 +52,7 @@ def test_onnx_export_is_cached_per_model_and_kind(monkeypatch: pytest.MonkeyPatc
     import dinokit.onnx as onnx_mod
 
     model = make_tiny_vit()
-    first = embed(model, _images(3), device="cpu", num_workers=0, runtime="onnx")
+    first = embed(model, _images(3), device="cpu", num_workers=0, image_size=32, runtime="onnx")
     path = onnx_mod.onnx_cache_path(model, "cls", 32)
     assert path.is_file() and path.parent.name == "onnx" and not list(path.parent.glob("*.tmp.onnx"))
 
@@ -60,7 +60,7 @@ def test_onnx_export_is_cached_per_model_and_kind(monkeypatch: pytest.MonkeyPatc
         raise AssertionError("exported again although the cache holds the file")
 
     monkeypatch.setattr(onnx_mod, "export_onnx", no_export)
-    again = embed(model, _images(3), device="cpu", num_workers=0, runtime="onnx")
+    again = embed(model, _images(3), device="cpu", num_workers=0, image_size=32, runtime="onnx")
     torch.testing.assert_close(again.features, first.features)
     # other weights, another size or another kind: another file
     other = make_tiny_vit(seed=1)
