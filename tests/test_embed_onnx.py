@@ -37,8 +37,9 @@ def test_onnx_runtime_matches_torch_fp32(features: str, one_thread: None) -> Non
     pytest.importorskip("onnxruntime")
     model = _tiny_reg_vit() if features == "registers" else make_tiny_vit()
     x = _images(10)  # batches of 4, 4, 2: the export's batch axis must be dynamic
-    want = embed(model, x, batch_size=4, device="cpu", num_workers=0, image_size=32, features=features, precision="fp32")
-    got = embed(model, x, batch_size=4, device="cpu", num_workers=0, image_size=32, features=features, runtime="onnx")
+    common = {"batch_size": 4, "device": "cpu", "num_workers": 0, "image_size": 32, "features": features}
+    want = embed(model, x, precision="fp32", **common)
+    got = embed(model, x, runtime="onnx", **common)
     assert got.features.shape == want.features.shape and got.features.dtype == torch.float32
     assert got.paths == want.paths
     rows_got, rows_want = got.features.flatten(0, -2), want.features.flatten(0, -2)
