@@ -48,7 +48,8 @@ def test_onnx_runtime_matches_torch_fp32(features: str, one_thread: None) -> Non
 
 
 @pytest.mark.slow
-def test_onnx_export_is_cached_per_model_and_kind(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+def test_onnx_export_is_cached_per_model_and_kind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   one_thread: None) -> None:
     pytest.importorskip("onnxruntime")
     import dinokit.onnx as onnx_mod
 
@@ -63,6 +64,16 @@ def test_onnx_export_is_cached_per_model_and_kind(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(onnx_mod, "export_onnx", no_export)
     again = embed(model, _images(3), device="cpu", num_workers=0, image_size=32, runtime="onnx")
     torch.testing.assert_close(again.features, first.features)
+    # the sharded path runs the same cached file
+    from PIL import Image
+
+    for i, img in enumerate(_images(3)):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    folder = embedding.embed_to_folder(model, tmp_path, tmp_path / "feats", device="cpu", num_workers=0,
+                                       image_size=32, runtime="onnx", shard_size=2)
+    assert folder["rows"] == 3 and len(folder["shards"]) == 2
+    sharded = embedding.load_embeddings(tmp_path / "feats")
+    torch.testing.assert_close(sharded.features, first.features, atol=1e-6, rtol=0)
     # other weights, another size or another kind: another file
     other = make_tiny_vit(seed=1)
     keys = {path, onnx_mod.onnx_cache_path(other, "cls", 32), onnx_mod.onnx_cache_path(model, "cls", 40),
