@@ -393,8 +393,13 @@ def embed_precision(dev: torch.device, precision: str = "auto") -> str:
 
     "auto": bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX; ViT-S/16 inference ran
     2.2x fp32 there, features at cosine >= 0.9999), fp32 on every other device: an AVX2-only CPU
-    would emulate bf16 many times slower than fp32.
+    would emulate bf16 many times slower than fp32. ``$DINOKIT_EMBED_PRECISION`` (fp32 or bf16)
+    replaces the automatic choice, e.g. for the same features bit for bit on every machine.
     """
+    if precision == "auto" and (pinned := os.environ.get("DINOKIT_EMBED_PRECISION")):
+        if pinned not in ("fp32", "bf16"):
+            raise ValueError(f"$DINOKIT_EMBED_PRECISION={pinned!r}: expected fp32 or bf16")
+        precision = pinned
     if precision != "auto":
         if precision == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
             log.warning("precision bf16 on a CPU without native bf16: emulated, much slower than fp32")

@@ -96,6 +96,15 @@ def test_onnx_runtime_without_onnxruntime_is_one_line(monkeypatch: pytest.Monkey
         embed(make_tiny_vit(), _images(2), device="cpu", num_workers=0, runtime="onnx")
 
 
+def test_precision_pinned_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedding, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("DINOKIT_EMBED_PRECISION", "fp32")
+    assert embed_precision(CPU, "auto") == "fp32" and embed_precision(CPU, "bf16") == "bf16"
+    monkeypatch.setenv("DINOKIT_EMBED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match=r"^\$DINOKIT_EMBED_PRECISION='fp16': expected fp32 or bf16$"):
+        embed_precision(CPU, "auto")
+
+
 def test_options_check_runtime_and_precision() -> None:
     assert EmbedOptions().runtime == "torch" and EmbedOptions().precision == "auto"
     with pytest.raises(ValueError, match="runtime='tensorrt'"):
@@ -108,6 +117,7 @@ def test_options_check_runtime_and_precision() -> None:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_never_picks_emulated_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.delenv("DINOKIT_EMBED_PRECISION")  # conftest pins it for the other tests
     monkeypatch.setattr(embedding, "cpu_has_native_bf16", lambda: native)
     assert embed_precision(CPU, "auto") == ("bf16" if native else "fp32")
     assert embed_precision(torch.device("cuda"), "auto") == "bf16"
@@ -118,6 +128,7 @@ def test_auto_precision_never_picks_emulated_bf16(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_what_embed_runs(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """bf16 autocast changes features a little (> 1e-4), fp32 not at all: embed follows the choice."""
+    monkeypatch.delenv("DINOKIT_EMBED_PRECISION")
     monkeypatch.setattr(embedding, "cpu_has_native_bf16", lambda: native)
     model = make_tiny_vit()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
