@@ -68,6 +68,8 @@ from dinokit.shards import (
 )
 
 log = logging.getLogger(__name__)
+# the runtime and precision chosen, on their own logger: the CLI shows it (announced automatic choices)
+choice_log = logging.getLogger(f"{__name__}.choice")
 
 ImagesLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray | torch.Tensor
 
@@ -421,11 +423,10 @@ def _feature_fn(model: nn.Module, dev: torch.device, opts: EmbedOptions, image_s
         if dev.type != "cpu":
             raise ValueError(f"runtime='onnx' runs on the CPU; use device='cpu' or runtime='torch' on {dev}")
         session = OnnxFeatures.for_model(model, opts.features, image_size)
-        log.info("embedding with onnxruntime (fp32, %d threads): %s", session.threads, session.path)
+        choice_log.info("embedding with onnxruntime (fp32, %d threads): %s", session.threads, session.path)
         return session
     precision = embed_precision(dev, opts.precision)
-    log.info("embedding on %s in %s%s", dev, precision,
-             " (auto)" if opts.precision == "auto" else "")
+    choice_log.info("embedding on %s in %s%s", dev, precision, _why(dev, opts.precision, precision))
     use_bf16 = precision == "bf16"
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -433,6 +434,17 @@ def _feature_fn(model: nn.Module, dev: torch.device, opts: EmbedOptions, image_s
             return compute_features(model, x, opts.features).float().cpu()
 
     return run
+
+
+def _why(dev: torch.device, asked: str, chosen: str) -> str:
+    """How an automatic precision was chosen, for the announcement ("" when it was asked for)."""
+    if asked != "auto":
+        return ""
+    if os.environ.get("DINOKIT_EMBED_PRECISION"):
+        return " ($DINOKIT_EMBED_PRECISION)"
+    if dev.type != "cpu":
+        return " (auto)"
+    return " (auto: native bf16 on this CPU)" if chosen == "bf16" else " (auto: no native bf16 on this CPU)"
 
 
 def _forward(features_of: FeatureFn, inputs: Iterable[tuple[torch.Tensor | None, list[int], list[Skipped]]],

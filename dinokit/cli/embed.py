@@ -60,10 +60,14 @@ def embed_cmd(
     Examples: dinokit embed photos/ --model dino_vits16 --out photos.npz;
     torchrun --nproc_per_node 8 -m dinokit.cli embed 'shards/{0000..0999}.tar' --model dino_vits16 --out feats/
     """
+    import logging
+
     from dinokit import distributed
     from dinokit.data.images import ImageError
     from dinokit.embedding import FILE_SUFFIXES, EmbedOptions
     from dinokit.hub import load
+
+    logging.getLogger("dinokit.embedding.choice").setLevel(logging.INFO)  # announce runtime and precision
 
     to_file = out.suffix.lower() in FILE_SUFFIXES
     if to_file and distributed.init_from_env():
