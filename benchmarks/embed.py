@@ -2,21 +2,26 @@
 
 Pipeline: list a folder of JPEGs, decode (worker processes), resize 256 bicubic + center crop 224 +
 normalize, ViT-S/16 forward, write the .npz. Baseline: the same model and batch size over tensors
-already in memory (no decoding, no resizing, no writing). Both run alternately in this process, so
-machine noise hits both alike; the median of the per-round ratios is the result (goal >= 0.85).
+already in memory (no decoding, no resizing, no writing). Each config (--runtime: torch fp32, torch
+bf16 autocast, onnxruntime fp32) has its bare loop and its pipeline; all run interleaved in this
+process, so machine noise hits them alike; the medians of the per-round ratios are the result (goal
+>= 0.9 of the same config's bare loop), and every config is also compared with bare torch fp32.
 
     .venv/bin/python benchmarks/embed.py --images 256 --batch-size 64 --rounds 3
+    .venv/bin/python benchmarks/embed.py --runtime torch-fp32,onnx
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +48,42 @@ def random_vit_s16() -> torch.nn.Module:
     return create_backbone("vit_small_patch16_224").eval()
 
 
-def bare_loop(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
+def bare_loop(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> float:
     """Seconds for a plain forward over preprocessed in-memory tensors."""
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            forward(x[i:i + batch_size])
     return time.perf_counter() - t0
 
 
-def pipeline(model: torch.nn.Module, folder: Path, out: Path, batch_size: int, workers: int | None) -> float:
+def bare_forward(model: torch.nn.Module, config: str, tmp: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The bare model of a config: timm forward (bf16 autocast for torch-bf16) or the onnxruntime session."""
+    if config == "onnx":
+        from dinokit.onnx import OnnxFeatures
+
+        return OnnxFeatures.for_model(model, "cls", 224)
+    bf16 = config == "torch-bf16"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(x)
+
+    return run
+
+
+def pipeline_options(config: str) -> dict[str, str]:
+    return {"runtime": "onnx", "precision": "auto"} if config == "onnx" else {
+        "runtime": "torch", "precision": config.removeprefix("torch-")}
+
+
+def pipeline(model: torch.nn.Module, folder: Path, out: Path, batch_size: int, workers: int | None,
+             config: str) -> float:
     """Seconds for dinokit.embed on the folder plus writing the .npz."""
     from dinokit.embedding import embed
 
     t0 = time.perf_counter()
-    emb = embed(model, folder, batch_size=batch_size, num_workers=workers, device="cpu")
+    emb = embed(model, folder, batch_size=batch_size, num_workers=workers, device="cpu", **pipeline_options(config))
     emb.save(out)
     elapsed = time.perf_counter() - t0
     assert len(emb) == len(list(folder.glob("*.jpg"))) and not emb.skipped
@@ -89,42 +115,60 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: dinokit's)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--runtime", default="auto",
+                    help="comma list of torch-fp32, torch-bf16, onnx (auto: torch-fp32, torch-bf16 where the CPU "
+                         "has native bf16, onnx where onnxruntime is installed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from dinokit.devices import cpu_has_native_bf16, cpu_vector_extensions
     from dinokit.embedding import default_num_workers
 
+    configs = args.runtime.split(",") if args.runtime != "auto" else (
+        ["torch-fp32"] + (["torch-bf16"] if cpu_has_native_bf16() else [])
+        + (["onnx"] if importlib.util.find_spec("onnxruntime") else []))
     model = random_vit_s16()
+    base: dict[str, list[float]] = {c: [] for c in configs}
+    pipe: dict[str, list[float]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("DINOKIT_CACHE", str(Path(tmp) / "cache"))  # a fresh export, as a first run does
         folder = Path(tmp) / "jpegs"
         make_jpegs(folder, args.images, args.image_px)
         x = torch.randn(args.images, 3, 224, 224)
-        with torch.inference_mode():  # warm-up: allocator, kernels
-            model(x[: args.batch_size])
+        forwards = {c: bare_forward(model, c, Path(tmp)) for c in configs}  # the ONNX export happens here
+        for c in configs:  # warm-up: allocator, kernels, and the pipeline's own first call
+            bare_loop(forwards[c], x[: args.batch_size], args.batch_size)
+        pipeline(model, folder, Path(tmp) / "f.npz", args.batch_size, args.workers, configs[-1])
         prep = preprocess_cost(model, folder)
-        base, pipe = [], []
-        for r in range(args.rounds):
-            base.append(bare_loop(model, x, args.batch_size))
-            pipe.append(pipeline(model, folder, Path(tmp) / "f.npz", args.batch_size, args.workers))
-            print(f"round {r}: bare {args.images / base[-1]:.1f} img/s, "
-                  f"pipeline {args.images / pipe[-1]:.1f} img/s, ratio {base[-1] / pipe[-1]:.3f}", flush=True)
-    b_ips, p_ips = args.images / statistics.median(base), args.images / statistics.median(pipe)
-    # Each round runs both back to back, so its ratio sees the same machine load: use their median.
-    ratio = statistics.median(b / p for b, p in zip(base, pipe, strict=True))
+        for r in range(args.rounds):  # interleaved: machine noise hits every config alike
+            for c in configs:
+                base[c].append(bare_loop(forwards[c], x, args.batch_size))
+                pipe[c].append(pipeline(model, folder, Path(tmp) / "f.npz", args.batch_size, args.workers, c))
+            print(f"round {r}: " + ", ".join(
+                f"{c} bare {args.images / base[c][-1]:.1f} pipeline {args.images / pipe[c][-1]:.1f} img/s"
+                for c in configs), flush=True)
+    ref = configs[0]
+
+    def med_ratio(num: list[float], den: list[float]) -> float:
+        # each round runs all back to back, so its ratio sees the same machine load: use their median
+        return statistics.median(n / d for n, d in zip(num, den, strict=True))
+
     workers = args.workers if args.workers is not None else default_num_workers()
-    print(f"preprocessing    : {1000 * prep:.1f} ms/image (decode + resize + crop + normalize, one core)")
-    print(f"model            : {1000 / b_ips:.1f} ms/image")
-    print(f"bare timm loop   : {b_ips:.1f} images/s (median of {args.rounds})")
-    print(f"dinokit pipeline : {p_ips:.1f} images/s (median of {args.rounds})")
-    print(f"ratio            : {ratio:.3f} (median of per-round ratios; goal >= 0.85)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"load avg {load:.1f} at the end")
-    print("\nRESULTS.md row:")
-    print(f"| {dt.date.today()} | ViT-S/16 224 px, {args.images} JPEGs {args.image_px}px, batch {args.batch_size}, "
-          f"{workers} workers, {torch.get_num_threads()} threads | {b_ips:.1f} | {p_ips:.1f} | "
-          f"{ratio:.2f} | {machine} |")
+    print(f"CPU flags: {cpu_vector_extensions()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"{workers} decode workers, torch {torch.__version__}, load avg {load:.1f} at the end")
+    print(f"preprocessing: {1000 * prep:.1f} ms/image (decode + resize + crop + normalize, one core)")
+    print(f"| config | bare img/s | pipeline img/s | pipeline / bare (same config) | bare / bare {ref} "
+          f"| pipeline / bare {ref} | rounds (pipeline / bare same config) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in configs:
+        rounds = " ".join(f"{b / p:.2f}" for b, p in zip(base[c], pipe[c], strict=True))
+        print(f"| {c} | {args.images / statistics.median(base[c]):.1f} | {args.images / statistics.median(pipe[c]):.1f} "
+              f"| {med_ratio(base[c], pipe[c]):.2f} | {med_ratio(base[ref], base[c]):.2f} "
+              f"| {med_ratio(base[ref], pipe[c]):.2f} | {rounds} |")
+    print(f"\n{dt.date.today()}, ViT-S/16 224 px, {args.images} JPEGs {args.image_px}px, batch {args.batch_size}, "
+          f"{platform.processor() or platform.machine()}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 across the processes of a ``torchrun`` job; :func:`load_embeddings` / :func:`iter_embeddings` read
 every form back. Decoding and resizing run in DataLoader worker processes while the model runs in
 the main process, so the two overlap. Unreadable images are skipped and reported (``strict=True`` makes
-them an error). Inference runs under ``torch.inference_mode``; on CUDA with bf16 autocast.
+them an error). Inference runs under ``torch.inference_mode``, in the precision of
+:func:`embed_precision` (bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere), or with
+onnxruntime on the CPU (``runtime="onnx"``: the model exported once to a cached ONNX file).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dinokit.data.sources import (
     open_source,
 )
 from dinokit.data.transforms import eval_transform, preprocessing_config
-from dinokit.devices import model_device, resolve_device
+from dinokit.devices import cpu_has_native_bf16, model_device, resolve_device
 
 # compute_features lives with the models; re-exported here for existing imports
 from dinokit.models.features import FEATURE_KINDS as FEATURE_KINDS
@@ -66,11 +68,17 @@ from dinokit.shards import (
 )
 
 log = logging.getLogger(__name__)
+# the runtime and precision chosen, on their own logger: the CLI shows it (announced automatic choices)
+choice_log = logging.getLogger(f"{__name__}.choice")
 
 ImagesLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | np.ndarray | torch.Tensor
 
 
 # ------------------------------------------------------------------------------------ options
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,10 @@ class EmbedOptions:
     strict: stop at the first unreadable image instead of skipping it; decode: "cpu" (Pillow in the
     DataLoader workers) or "device" (workers only read files; the embedding device decodes them,
     JPEGs with nvJPEG on CUDA: for GPUs that CPU decoding cannot keep busy); follow_links: walk into
-    links that lead outside a folder given as input (a link loop is visited once either way).
+    links that lead outside a folder given as input (a link loop is visited once either way);
+    precision: "auto" (see :func:`embed_precision`), "fp32" or "bf16" (autocast); runtime: "torch", or
+    "onnx" (CPU only, fp32: onnxruntime runs the model exported by :mod:`dinokit.onnx`, cached per
+    model, image size and feature kind; faster than torch fp32 on some CPUs, see benchmarks/RESULTS.md).
     """
 
     batch_size: int = 64
@@ -94,8 +105,16 @@ class EmbedOptions:
     strict: bool = False
     decode: str = "cpu"
     follow_links: bool = False
+    precision: str = "auto"
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r}: expected one of {', '.join(RUNTIMES)}")
+        if self.runtime == "onnx" and self.precision == "bf16":
+            raise ValueError("runtime='onnx' runs the fp32 export; precision='bf16' needs runtime='torch'")
         if self.decode not in ("cpu", "device"):
             raise ValueError(f"decode={self.decode!r}: expected 'cpu' (Pillow in workers) or 'device'")
         if self.batch_size < 1:
@@ -371,19 +390,70 @@ def _batches_of(start: int, stop: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
 
 
-def _forward(model: nn.Module, inputs: Iterable[tuple[torch.Tensor | None, list[int], list[Skipped]]],
-             dev: torch.device, opts: EmbedOptions
-             ) -> Iterator[tuple[torch.Tensor | None, list[int], list[Skipped]]]:
+def embed_precision(dev: torch.device, precision: str = "auto") -> str:
+    """The precision embedding runs in: "fp32" or "bf16" (autocast).
+
+    "auto": bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX; ViT-S/16 inference ran
+    2.2x fp32 there, features at cosine >= 0.9999), fp32 on every other device: an AVX2-only CPU
+    would emulate bf16 many times slower than fp32. ``$DINOKIT_EMBED_PRECISION`` (fp32 or bf16)
+    replaces the automatic choice, e.g. for the same features bit for bit on every machine.
+    """
+    if precision == "auto" and (pinned := os.environ.get("DINOKIT_EMBED_PRECISION")):
+        if pinned not in ("fp32", "bf16"):
+            raise ValueError(f"$DINOKIT_EMBED_PRECISION={pinned!r}: expected fp32 or bf16")
+        precision = pinned
+    if precision != "auto":
+        if precision == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
+            log.warning("precision bf16 on a CPU without native bf16: emulated, much slower than fp32")
+        return precision
+    if dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16()):
+        return "bf16"
+    return "fp32"
+
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _feature_fn(model: nn.Module, dev: torch.device, opts: EmbedOptions, image_size: int) -> FeatureFn:
+    """x (B, 3, S, S) on ``dev`` -> float32 CPU features, with the chosen runtime and precision
+    (announced once on this module's logger)."""
+    if opts.runtime == "onnx":
+        from dinokit.onnx import OnnxFeatures
+
+        if dev.type != "cpu":
+            raise ValueError(f"runtime='onnx' runs on the CPU; use device='cpu' or runtime='torch' on {dev}")
+        session = OnnxFeatures.for_model(model, opts.features, image_size)
+        choice_log.info("embedding with onnxruntime (fp32, %d threads): %s", session.threads, session.path)
+        return session
+    precision = embed_precision(dev, opts.precision)
+    choice_log.info("embedding on %s in %s%s", dev, precision, _why(dev, opts.precision, precision))
+    use_bf16 = precision == "bf16"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return compute_features(model, x, opts.features).float().cpu()
+
+    return run
+
+
+def _why(dev: torch.device, asked: str, chosen: str) -> str:
+    """How an automatic precision was chosen, for the announcement ("" when it was asked for)."""
+    if asked != "auto":
+        return ""
+    if os.environ.get("DINOKIT_EMBED_PRECISION"):
+        return " ($DINOKIT_EMBED_PRECISION)"
+    if dev.type != "cpu":
+        return " (auto)"
+    return " (auto: native bf16 on this CPU)" if chosen == "bf16" else " (auto: no native bf16 on this CPU)"
+
+
+def _forward(features_of: FeatureFn, inputs: Iterable[tuple[torch.Tensor | None, list[int], list[Skipped]]],
+             opts: EmbedOptions) -> Iterator[tuple[torch.Tensor | None, list[int], list[Skipped]]]:
     """Run the model over input batches: (features (b, ...) float32 CPU or None, kept indices, skipped)."""
-    use_bf16 = dev.type == "cuda"
     for x, idx, bad in inputs:
         if opts.strict and bad:
             raise ImageError(bad[0].path, bad[0].reason)
-        y = None
-        if x is not None:
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                y = compute_features(model, x, opts.features).float().cpu()
-        yield y, idx, bad
+        yield (features_of(x) if x is not None else None), idx, bad
 
 
 # ------------------------------------------------------------------------------------ embed
@@ -421,8 +491,9 @@ def embed(
     done = 0
     was_training = model.training
     model = model.to(dev).eval()
+    features_of = _feature_fn(model, dev, opts, pre["crop_size"])
     with torch.inference_mode(), _restore_mode(model, was_training):
-        for y, idx, bad in _forward(model, inputs, dev, opts):
+        for y, idx, bad in _forward(features_of, inputs, opts):
             if y is not None:
                 chunks.append(y)
                 kept.extend(idx)
@@ -603,8 +674,9 @@ def _run_my_shards(model: nn.Module, dev: torch.device, source: Source, out: Pat
     dataset = SourceDataset(source, eval_transform(model, opts.image_size))
     inputs = _inputs(dataset, source, opts, dev, preprocessing_config(model, opts.image_size), batches)
     acc = _ShardBuffer(out, plan, source, job["format"], job["feature_shape"])
+    features_of = _feature_fn(model, dev, opts, job["preprocessing"]["crop_size"])
     with torch.inference_mode():
-        for owner, (y, idx, bad) in zip(owners, _forward(model, inputs, dev, opts), strict=True):
+        for owner, (y, idx, bad) in zip(owners, _forward(features_of, inputs, opts), strict=True):
             if acc.index is not None and owner != acc.index:
                 records.append(acc.flush())
             acc.add(owner, y, idx, bad)

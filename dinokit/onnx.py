@@ -1,21 +1,26 @@
 """ONNX export of DINO backbones (v1, v2, v2-reg, v3 ViTs; CNNs), checked with onnxruntime.
 
-The graph computes ``compute_features(model, x, features)`` for ``features`` "cls" (B, D) or
-"patch" (B, P, D), with the torch.export-based exporter. The batch axis is always dynamic; height and
+The graph computes ``compute_features(model, x, features)`` for every feature kind ("cls" (B, D),
+"cls+avgpool", "lastN", "patch" (B, P, D), "registers"), with the torch.export-based exporter. The batch axis is always dynamic; height and
 width are dynamic for every family here (the DINO v1/v2 offset resize and the DINOv3 RoPE table are
 built from tensor ops while exporting). :func:`export_onnx` checks the file with onnxruntime at the
 example size and a second size, and re-exports at a fixed size if a dynamic graph is not exact.
+:class:`OnnxFeatures` runs such a file for ``dinokit embed --runtime onnx``, exported once per model,
+image size and feature kind into ``$DINOKIT_CACHE/onnx`` (:func:`cached_export`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,7 +31,8 @@ from dinokit._modattr import tensor_attr
 
 log = logging.getLogger(__name__)
 
-ONNX_FEATURES = ("cls", "patch")
+# bump when the exported graph changes for the same model, so cached exports are redone
+EXPORT_VERSION = 1
 
 
 class _Features(nn.Module):
@@ -71,9 +77,7 @@ def _patch(model: nn.Module) -> int:
 
 def run_onnx(path: str | os.PathLike[str], x: np.ndarray) -> np.ndarray:
     """Run an exported model with onnxruntime on CPU: x float32 (B, 3, H, W) -> features."""
-    import onnxruntime as ort  # optional dependency: only ONNX users need it
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = _session(path)
     return sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
 
 
@@ -145,8 +149,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, features: str
     example size (and at a second size when the size is dynamic) against torch; a dynamic graph
     that is not within 1e-4 at the second size is re-exported with a fixed size.
     """
-    if features not in ONNX_FEATURES:
-        raise ValueError(f"features={features!r}: ONNX export supports {', '.join(ONNX_FEATURES)}")
+    from dinokit.models.features import check_features
+
+    check_features(features)
     model = model.eval().to("cpu", torch.float32)
     wrapped = _Features(model, features).eval()
     p = _patch(model)
@@ -191,3 +196,94 @@ def _compare(wrapped: _Features, out: Path, hw: tuple[int, int], seed: int) -> f
     if got.shape != want.shape:
         raise ValueError(f"{out}: onnxruntime gave {got.shape}, torch {want.shape}")
     return float(np.abs(got - want).max())
+
+
+def _onnxruntime() -> Any:
+    """The onnxruntime module (an optional dependency: only ONNX users need it), or a one-line error."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError("runtime 'onnx' needs onnxruntime: pip install onnxruntime") from e
+    return onnxruntime
+
+
+def _session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's thread count)."""
+    ort = _onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1  # one graph, run op after op: a second pool would only compete
+    # no spin-waiting between ops: embedding shares the cores with its decode workers, and ViT-S/16's
+    # ops are large enough that waking threads costs little (pipeline 1.12x with it off, 2 cores)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_session(path: str, threads: int) -> Any:
+    """One session per cached file and thread count in a process (embed calls in a loop reuse it)."""
+    return _session(path, threads)
+
+
+def onnx_cache_path(model: nn.Module, features: str, image_size: int | tuple[int, int] | None = None) -> Path:
+    """Where :func:`cached_export` keeps the export of ``model`` (its weights' fingerprint and
+    architecture), the image size and the feature kind: ``$DINOKIT_CACHE/onnx/<key>.onnx``."""
+    from dinokit.eval.cache import cache_root
+    from dinokit.models.backbone import fingerprint
+
+    payload = {"v": EXPORT_VERSION, "model": fingerprint(model), "arch": type(model).__name__,
+               "size": list(_input_hw(model, image_size)), "features": features, "torch": torch.__version__}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "onnx" / f"{key}.onnx"
+
+
+def cached_export(model: nn.Module, features: str, image_size: int | tuple[int, int] | None = None) -> Path:
+    """The checked ONNX export of ``model`` for ``features`` at ``image_size`` from the cache, exported
+    (about 10-60 s, logged) on first use. The file appears whole or not at all, so processes that
+    export at once (torchrun ranks) each write their own temp file and the last rename wins."""
+    path = onnx_cache_path(model, features, image_size)
+    if path.is_file():
+        return path
+    _check_kind(model, features, _input_hw(model, image_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting the model to ONNX once (%s features): %s", features, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
+    try:
+        result = export_onnx(model, tmp, features=features, image_size=image_size)
+        log.info("ONNX export checked against torch: max abs diff %.2g", result.max_abs_diff or 0.0)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _check_kind(model: nn.Module, features: str, hw: tuple[int, int]) -> None:
+    """The one-line error torch gives for a feature kind this model lacks (e.g. "registers" of DINO v1,
+    "patch" of a CNN), at the cost of one small forward instead of a failed export."""
+    from dinokit.models.features import compute_features
+
+    with torch.inference_mode():
+        compute_features(model.eval().to("cpu", torch.float32), torch.zeros(1, 3, *hw), features)
+
+
+class OnnxFeatures:
+    """``compute_features(model, x, features)`` run by onnxruntime on the CPU: x (B, 3, H, W) float
+    tensor -> float32 CPU tensor, as the torch path gives (the batch size may change per call)."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.threads = threads or torch.get_num_threads()
+        self._session = _cached_session(str(self.path), self.threads)
+        self._input = self._session.get_inputs()[0].name
+
+    @classmethod
+    def for_model(cls, model: nn.Module, features: str, image_size: int | tuple[int, int] | None = None,
+                  threads: int | None = None) -> OnnxFeatures:
+        """The cached export of ``model`` (:func:`cached_export`), ready to run."""
+        _onnxruntime()  # before a long export
+        return cls(cached_export(model, features, image_size), threads)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self._session.run(None, {self._input: arr})[0])
+

@@ -27,6 +27,16 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     monkeypatch.setenv("DINOKIT_CACHE", str(cache / "dinokit"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_embedding_on_every_cpu() -> Iterator[None]:
+    """embed's automatic precision is bf16 on CPUs with native bf16 and fp32 on the others; tests compare
+    embed with fp32 references at tight tolerances, so the whole session (and the CLI processes it
+    starts) pins "auto" to fp32 on every machine (tests/test_embed_onnx.py checks the choice itself)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DINOKIT_EMBED_PRECISION", "fp32")
+        yield
+
+
 def make_tiny_vit(seed: int = 0, img_size: int = 32, patch_size: int = 8, depth: int = 2,
                   embed_dim: int = 48, num_heads: int = 3) -> torch.nn.Module:
     """A seeded tiny timm ViT in eval mode: model(x) -> (B, embed_dim) CLS features."""

@@ -13,7 +13,8 @@ from dinokit.cli._common import _print_json, app, console
 def export_onnx_cmd(
     source: str = typer.Argument(..., help="Registry name, checkpoint file, folder or HF Hub repo id."),
     out_file: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
-    features: str = typer.Option("cls", "--features", help="cls (B, D) or patch (B, P, D)."),
+    features: str = typer.Option("cls", "--features", help="cls (B, D), cls+avgpool (B, 2D), lastN (B, N*D), "
+                                 "patch (B, P, D) or registers (B, R, D)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Example input size (default: the "
                                           "model's input size)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with torch."),
