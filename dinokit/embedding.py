@@ -628,6 +628,9 @@ def _job_description(model: nn.Module, dev: torch.device, source: Source, opts: 
         "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()},
         "features": opts.features, "feature_shape": shape, "dtype": "float32",
         "format": fmt, "shard_size": shard_size,
+        # bf16 and fp32 features differ (cosine ~0.9999): a resume must not mix them in one folder
+        "compute": {"runtime": opts.runtime,
+                    "precision": "fp32" if opts.runtime == "onnx" else embed_precision(dev, opts.precision)},
     }
 
 

@@ -31,7 +31,9 @@ MANIFEST = "manifest.json"
 FORMATS = ("parquet", "npy")
 FORMAT_VERSION = 1
 #: manifest fields that must match for ``--resume`` to continue a job
-JOB_FIELDS = ("inputs", "model", "preprocessing", "features", "feature_shape", "format", "shard_size")
+JOB_FIELDS = ("inputs", "model", "preprocessing", "features", "feature_shape", "format", "shard_size", "compute")
+#: job fields a manifest from an older dinokit may lack: not compared when the old manifest has none
+_NEWER_JOB_FIELDS = frozenset({"compute"})
 
 Columns = dict[str, list[Any]]
 
@@ -170,6 +172,8 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
 def job_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first job field that differs between two manifests (None when ``--resume`` may continue)."""
     for key in JOB_FIELDS:
+        if key in _NEWER_JOB_FIELDS and key not in old:
+            continue
         if json.dumps(old.get(key), sort_keys=True, default=str) != json.dumps(new.get(key), sort_keys=True,
                                                                              default=str):
             return key

@@ -173,6 +173,10 @@ def test_crash_then_resume_gives_every_image_once(tmp_path: Path, model: torch.n
         embed_to_folder(model, images, out, batch_size=4, num_workers=0, shard_size=8)
     with pytest.raises(ValueError, match="different shard_size"):
         embed_to_folder(model, images, out, batch_size=4, num_workers=0, shard_size=10, resume=True)
+    # the job ran in fp32 (pinned for the tests): bf16 features must not join it
+    with pytest.raises(ValueError, match="different compute"):
+        embed_to_folder(model, images, out, batch_size=4, num_workers=0, shard_size=8, resume=True,
+                        precision="bf16")
     (out / ".shard-00002.parquet.abc.tmp.parquet").write_bytes(b"half a shard")  # a killed writer's temp
     kept = (out / "shard-00000.parquet").stat().st_mtime_ns
     damaged = out / "shard-00001.parquet"
