@@ -5,6 +5,8 @@
 #      eager and with torch.compile: images/s and peak GPU memory;
 #   2. recipes/fashion_mnist_cpu.yaml trained for 5 minutes on the GPU, then the teacher's
 #      weighted k-NN (k=20, T=0.07, 60k train memory, 10k test).
+#   3. embedding images/s (`embed()`, ViT-S/16 and ViT-B/14 at 224 px, bf16 auto) with JPEGs decoded by
+#      Pillow in CPU workers vs on the GPU (nvJPEG via decode="device"): benchmarks/scale.py --decode-check.
 # Every result is one JSON line appended to RESULTS (default: $OUT/gpu_check.jsonl, or
 # benchmarks/_work/gpu_check.jsonl without $OUT). Paper reference: ~92 images/s per V100 with
 # 2x224 + 10x96 crops at 15.4 GB.
@@ -146,4 +148,7 @@ with open(sys.argv[2], "a") as f:
     f.write(json.dumps(rec) + "\n")
 print(json.dumps(rec))
 PY
+# ---------------------------------------------------------------- 3. embedding: decode in workers vs on the GPU
+if [ "$MODE" = gpu ]; then EMB=(--device cuda --images 2048 --batch-size 256); else EMB=(--device cpu --images 16 --batch-size 8); fi
+"$PY" benchmarks/scale.py --decode-check "${EMB[@]}" | tee -a "$RESULTS"
 echo "gpu_check: done; results in $RESULTS" >&2

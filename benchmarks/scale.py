@@ -264,7 +264,7 @@ def decode_check(args: argparse.Namespace) -> None:
     import torch
     from embed import make_jpegs
 
-    from dinokit.embedding import embed
+    from dinokit.embedding import embed, embed_precision
     from dinokit.models.backbone import create_backbone
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -282,6 +282,7 @@ def decode_check(args: argparse.Namespace) -> None:
                 seconds = time.perf_counter() - t0
                 print(json.dumps({"check": "embed_decode", "arch": arch, "decode": decode, "device": args.device,
                                   "images": len(e), "batch_size": args.batch_size, "jpeg_size": args.size,
+                                  "precision": embed_precision(torch.device(args.device)),
                                   "images_per_s": round(len(e) / seconds, 1)}), flush=True)
 
 
