@@ -123,7 +123,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from dinokit.devices import cpu_has_native_bf16, cpu_vector_extensions
-    from dinokit.embedding import default_num_workers
 
     configs = args.runtime.split(",") if args.runtime != "auto" else (
         ["torch-fp32"] + (["torch-bf16"] if cpu_has_native_bf16() else [])
@@ -154,10 +153,11 @@ def main() -> None:
         # each round runs all back to back, so its ratio sees the same machine load: use their median
         return statistics.median(n / d for n, d in zip(num, den, strict=True))
 
-    workers = args.workers if args.workers is not None else default_num_workers()
+    decoding = (f"{args.workers} decode workers" if args.workers is not None
+                else "decoding on a thread pool between forwards (dinokit's CPU default)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"CPU flags: {cpu_vector_extensions()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-          f"{workers} decode workers, torch {torch.__version__}, load avg {load:.1f} at the end")
+          f"{decoding}, torch {torch.__version__}, load avg {load:.1f} at the end")
     print(f"preprocessing: {1000 * prep:.1f} ms/image (decode + resize + crop + normalize, one core)")
     print(f"| config | bare img/s | pipeline img/s | pipeline / bare (same config) | bare / bare {ref} "
           f"| pipeline / bare {ref} | rounds (pipeline / bare same config) |")

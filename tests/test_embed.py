@@ -42,8 +42,9 @@ def _manual(model: torch.nn.Module, paths: list[Path], size: int) -> torch.Tenso
         return model(torch.stack([t(load_rgb(p)) for p in paths]))
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_embed_folder_skips_bad_files(tmp_path: Path, tiny_vit: torch.nn.Module, workers: int) -> None:
+# 0: decoded in the main thread, 1: a worker process, None: on the CPU a thread pool between forwards
+@pytest.mark.parametrize("workers", [0, 1, None])
+def test_embed_folder_skips_bad_files(tmp_path: Path, tiny_vit: torch.nn.Module, workers: int | None) -> None:
     good = _write_mode_images(tmp_path)
     bad = write_bad_files(tmp_path / "bad")
     calls: list[tuple[int, int]] = []

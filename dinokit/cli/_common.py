@@ -167,7 +167,10 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help=_MODEL_HELP)]
 OptionalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_MODEL_HELP)]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Decoding processes (default: cores - 1, at most 8).")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", help="Decoding processes (default: on the CPU a thread pool that decodes between forwards, "
+                      "since worker processes would fight the model's threads for the cores; on a GPU cores - 1, "
+                      "at most 8).")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Crop size (default: the model's); the resize "
                                                   "keeps DINO's 256/224 ratio.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (and nothing else).")]
