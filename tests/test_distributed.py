@@ -78,9 +78,16 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     for net in ("student", "teacher"):
         moved = 0.0
         for k, v in one[net].items():
-            delta = (v - init[k]).norm().item()
+            a, b, v0 = v, two[net][k], init[k]
+            if k.endswith("attn.qkv.bias"):
+                # the key bias gets no gradient (softmax ignores a shift shared by all keys): what it
+                # receives is rounding noise, which AdamW scales up to full steps, so it differs
+                # between summation orders; compare the query and value biases
+                d = v.numel() // 3
+                a, b, v0 = (torch.cat([t[:d], t[2 * d:]]) for t in (a, b, v0))
+            delta = (a - v0).norm().item()
             moved += delta
-            assert (v - two[net][k]).norm().item() <= 0.01 * delta + 1e-7, (net, k)
+            assert (a - b).norm().item() <= 0.01 * delta + 1e-7, (net, k)
         assert moved > (0.1 if net == "student" else 0.001), net  # the runs did train
     assert not torch.equal(one["student"]["backbone.blocks.0.attn.qkv.weight"],
                            one["teacher"]["backbone.blocks.0.attn.qkv.weight"])
