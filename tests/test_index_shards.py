@@ -181,6 +181,12 @@ def test_parse_size_and_errors(tmp_path: Path, data: np.ndarray) -> None:
     feats = feature_folder(tmp_path / "feats", data[:100], 50)
     with pytest.raises(ValueError, match="shards 0:5"):
         Index.from_shards(feats, tmp_path / "i", shards=(0, 5))
+    bad = data[:100].copy()
+    bad[70, 3] = np.nan  # in the second shard: named, and no index folder is left behind
+    feats = feature_folder(tmp_path / "nan", bad, 50)
+    with pytest.raises(ValueError, match=r"nan: shard 1: features contain NaN or infinite values"):
+        Index.from_shards(feats, tmp_path / "j")
+    assert not (tmp_path / "j").exists()
 
 
 def test_cli_build_from_features_and_merge(tmp_path: Path, data: np.ndarray) -> None:

@@ -196,12 +196,14 @@ def set_num_threads(n: int) -> None:
     faiss.omp_set_num_threads(int(n))
 
 
-def normalize(features: Any) -> np.ndarray:
-    """(N, D) float32 C-contiguous copy with unit-norm rows (zero rows stay zero)."""
+def normalize(features: Any, *, copy: bool = True) -> np.ndarray:
+    """(N, D) float32 C-contiguous copy with unit-norm rows (zero rows stay zero). ``copy=False``
+    normalizes a writable float32 C-contiguous array in place (no second copy of a large shard)."""
     if type(features).__module__.startswith("torch") and hasattr(features, "detach"):
         # a torch tensor (recognized without importing torch: vector-only processes never load it)
         features = features.detach().float().cpu().numpy()
-    x = np.array(features, dtype=np.float32, copy=True, order="C")
+    x = np.array(features, dtype=np.float32, copy=True, order="C") if copy else \
+        np.require(features, np.float32, ["C", "W"])
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:

@@ -45,6 +45,7 @@ from dinokit.retrieval.kinds import (
     _new_faiss_index,
     c_stdout_to_stderr,
     faiss,
+    normalize,
     reranks_from_disk,
     resolve_kind,
 )
@@ -290,14 +291,12 @@ def _write_vectors(store: Store, features_dir: Path, manifest: dict[str, Any],
 
 def _normalize_in_place(arr: np.ndarray, dim: int, features_dir: Path, rec: dict[str, Any]) -> np.ndarray:
     """Unit-norm rows of a shard's float32 array (n, dim), in place when it is writable (no copy)."""
-    x = np.require(arr, np.float32, ["C", "W"])
-    if x.ndim != 2 or (len(x) and x.shape[1] != dim):
-        raise ValueError(f"{features_dir}: shard {rec.get('index')} has shape {x.shape}, expected (n, {dim})")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{features_dir}: shard {rec.get('index')} holds NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
+    if arr.ndim != 2 or (len(arr) and arr.shape[1] != dim):
+        raise ValueError(f"{features_dir}: shard {rec.get('index')} has shape {arr.shape}, expected (n, {dim})")
+    try:
+        return normalize(arr, copy=False)
+    except ValueError as e:
+        raise ValueError(f"{features_dir}: shard {rec.get('index')}: {e}") from e
 
 
 def _first_duplicate_path(store: Store, paths: Sequence[str | None]) -> str | None:
