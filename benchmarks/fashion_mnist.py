@@ -110,9 +110,9 @@ def measure_knn(model: torch.nn.Module, data: dict[str, np.ndarray], batch_size:
 
 def with_eval_preprocessing(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     """Give a raw backbone the preprocessing export writes (recipe mean/std, crop size, crop_pct 1)."""
-    from dinokit.publish import _training_preprocessing
+    from dinokit.training.models import eval_preprocessing
 
-    model.pretrained_cfg = {**model.pretrained_cfg, **_training_preprocessing(cfg)}
+    model.pretrained_cfg = {**model.pretrained_cfg, **eval_preprocessing(cfg)}
     return model
 
 
