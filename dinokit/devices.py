@@ -41,6 +41,11 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int | N
     return dev
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container or taskset may allow fewer than exist)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     p = next(model.parameters(), None)

@@ -43,7 +43,7 @@ from dinokit.data.sources import (
     open_source,
 )
 from dinokit.data.transforms import eval_transform, preprocessing_config
-from dinokit.devices import cpu_has_native_bf16, model_device, resolve_device
+from dinokit.devices import cpu_has_native_bf16, model_device, resolve_device, usable_cores
 
 # compute_features lives with the models; re-exported here for existing imports
 from dinokit.models.features import FEATURE_KINDS as FEATURE_KINDS
@@ -336,8 +336,7 @@ def _array_source(n: int) -> Source:
 def default_num_workers() -> int:
     """Decoding workers per process: all cores but the one each process feeds its model from, shared by
     the processes of this machine (torchrun), at most 8."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, n // distributed.local_world_size() - 1))
+    return max(1, min(8, usable_cores() // distributed.local_world_size() - 1))
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -402,9 +401,8 @@ def _decode_in_turns(dataset: torch.utils.data.Dataset, batches: list[list[int]]
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     get = cast(Callable[[int], Any], dataset.__getitem__)
-    with ThreadPoolExecutor(max_workers=max(1, cores), thread_name_prefix="dinokit-decode") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, usable_cores()), thread_name_prefix="dinokit-decode") as pool:
         for b in batches:
             batch = collate_skipping(list(pool.map(get, b)))
             yield batch.images, batch.indices.tolist(), list(batch.skipped)

@@ -201,9 +201,7 @@ def _trained_index(folder: str | os.PathLike[str], kind: str, knobs: dict[str, A
         main = next((s for s in store.snapshot().segments if s.role == "main"), None)
         if main is None or main.kind != kind or int(meta["dim"]) != dim or knobs.get("ondisk"):
             raise ValueError(f"{folder}: not an in-RAM ivfpq index of dimension {dim}")
-        index = faiss.clone_index(main.index)
-        index.reset()
-        return index
+        return _emptied(main.index)
     finally:
         store.close()
 
@@ -402,14 +400,19 @@ def _duplicate_error(stores: list[Store], folders: list[Path], target: Store,
     return ValueError(f"{dup}: live in both {' and '.join(where[:2]) or 'two inputs'}")
 
 
+def _emptied(index: Any) -> Any:
+    """A copy of a trained FAISS index with no vectors (its quantizers kept; the original untouched)."""
+    copy = faiss.clone_index(index)
+    copy.reset()
+    return copy
+
+
 def _trained_bytes(index: Any) -> bytes | None:
     """The serialized trained parameters of an IVF index (its lists emptied), None for other kinds."""
     base = faiss.downcast_index(index)
     if not hasattr(base, "nlist"):
         return None
-    empty = faiss.clone_index(base)
-    empty.reset()
-    return bytes(faiss.serialize_index(empty).tobytes())
+    return bytes(faiss.serialize_index(_emptied(base)).tobytes())
 
 
 def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chunk_rows: int,
@@ -516,9 +519,7 @@ def _trained_copy(main: Any, kind: str, knobs: dict[str, Any], path: Path, n: in
     """An empty FAISS index with the trained parameters of ``main`` (the first input's main segment, when
     its layout is the merged one), else a new one trained on a sample of the merged vector file."""
     if main is not None:
-        index = faiss.clone_index(main.index)
-        index.reset()
-        return index
+        return _emptied(main.index)
     index = _new_faiss_index(kind, dim, knobs)
     if not index.is_trained:
         pos = np.sort(np.random.default_rng(0).choice(n, train_size(n, kind, knobs), replace=False))
@@ -559,8 +560,6 @@ def compact_streamed(store: Store, snap: Any, kind: str, knobs: dict[str, Any],
             f.write(_gather(snap, ids[s:s + chunk_rows]).data)
         f.flush()
         os.fsync(f.fileno())
-    index = faiss.clone_index(main.index)
-    index.reset()
-    index = _add_vectors(index, path, n, dim, chunk_rows, None, ondisk=None)
+    index = _add_vectors(_emptied(main.index), path, n, dim, chunk_rows, None, ondisk=None)
     with store.write_lock():
         store.install_main(None, ids, index, kind, knobs, replaces=[seg.name for seg in snap.segments], name=name)
