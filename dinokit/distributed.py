@@ -7,6 +7,7 @@ MASTER_ADDR, MASTER_PORT in the environment) and use NCCL on GPUs, gloo on CPUs.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -58,11 +59,16 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # A group left to interpreter teardown can abort the process ("terminate called without an
+    # active exception": gloo's worker threads destroyed while joinable), so the API's users, who
+    # call train()/embed() and just exit, get it destroyed first. shutdown() is idempotent.
+    atexit.register(shutdown)
     log.info("distributed: rank %d of %d (%s)", get_rank(), get_world_size(), backend)
     return True
 
 
 def shutdown() -> None:
+    """Leave the process group (idempotent; also run at exit for groups made by init_from_env)."""
     if is_initialized():
         dist.destroy_process_group()
 
