@@ -1,6 +1,6 @@
 """Benchmark: the full `dinokit embed` pipeline against a bare timm forward loop.
 
-Pipeline: list a folder of JPEGs, decode (worker processes), resize 256 bicubic + center crop 224 +
+Pipeline: list a folder of JPEGs, decode (dinokit's default: background threads), resize 256 bicubic + crop 224 +
 normalize, ViT-S/16 forward, write the .npz. Baseline: the same model and batch size over tensors
 already in memory (no decoding, no resizing, no writing). Each config (--runtime: torch fp32, torch
 bf16 autocast, onnxruntime fp32) has its bare loop and its pipeline; all run interleaved in this
@@ -154,7 +154,7 @@ def main() -> None:
         return statistics.median(n / d for n, d in zip(num, den, strict=True))
 
     decoding = (f"{args.workers} decode workers" if args.workers is not None
-                else "decoding on a thread pool between forwards (dinokit's CPU default)")
+                else "decoding on background-priority threads, one batch ahead (dinokit's CPU default)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"CPU flags: {cpu_vector_extensions()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"{decoding}, torch {torch.__version__}, load avg {load:.1f} at the end")

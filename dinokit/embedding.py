@@ -4,8 +4,9 @@
 across the processes of a ``torchrun`` job; :func:`load_embeddings` / :func:`iter_embeddings` read
 every form back. For a GPU, decoding and resizing run in DataLoader worker processes while the
 model runs in the main process, so the two overlap; on the CPU, where the model's threads use every
-core, a thread pool decodes each batch between two forwards (see :func:`_decode_in_turns`). Unreadable images are skipped and reported (``strict=True`` makes
-them an error). Inference runs under ``torch.inference_mode``, in the precision of
+core, background-priority threads decode the next batch into uint8 pixels (see
+:func:`_decode_ahead`). Unreadable images are skipped and reported (``strict=True`` makes them an
+error). Inference runs under ``torch.inference_mode``, in the precision of
 :func:`embed_precision` (bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere), or with
 onnxruntime on the CPU (``runtime="onnx"``: the model exported once to a cached ONNX file).
 """
@@ -16,6 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,7 +45,7 @@ from dinokit.data.sources import (
     collate_raw,
     open_source,
 )
-from dinokit.data.transforms import eval_transform, preprocessing_config
+from dinokit.data.transforms import eval_transform, normalize_pixels, pixel_transform, preprocessing_config
 from dinokit.devices import cpu_has_native_bf16, model_device, resolve_device, usable_cores
 
 # compute_features lives with the models; re-exported here for existing imports
@@ -87,8 +90,8 @@ class EmbedOptions:
     """How to embed, passed as one value by every caller (CLI, evaluation, index building).
 
     batch_size: images per forward pass; device: None = the model's device, else CUDA if available
-    (``cuda:<LOCAL_RANK>`` under torchrun); num_workers: decoding processes (None = on the CPU a
-    thread pool decoding between forwards, else cores - 1 processes, at most 8); image_size: crop size (None = the model's); features: see :func:`compute_features`;
+    (``cuda:<LOCAL_RANK>`` under torchrun); num_workers: decoding processes (None = on the CPU
+    low-priority threads decoding one batch ahead, else cores - 1 processes, at most 8); image_size: crop size (None = the model's); features: see :func:`compute_features`;
     strict: stop at the first unreadable image instead of skipping it; decode: "cpu" (Pillow in the
     DataLoader workers) or "device" (workers only read files; the embedding device decodes them,
     JPEGs with nvJPEG on CUDA: for GPUs that CPU decoding cannot keep busy); follow_links: walk into
@@ -371,7 +374,7 @@ def _inputs(dataset: torch.utils.data.Dataset, source: Source, opts: EmbedOption
         return
     raw = opts.decode == "device" and isinstance(dataset, SourceDataset)
     if dev.type == "cpu" and opts.num_workers is None and not raw:
-        yield from _decode_in_turns(dataset, batches)
+        yield from _decode_ahead(_pixels_of(dataset, source, pre), pre, batches)
         return
     workers = default_num_workers() if opts.num_workers is None else int(opts.num_workers)
     workers = min(workers, len(batches))
@@ -389,23 +392,47 @@ def _inputs(dataset: torch.utils.data.Dataset, source: Source, opts: EmbedOption
             yield x, batch.indices.tolist(), list(batch.skipped)
 
 
-def _decode_in_turns(dataset: torch.utils.data.Dataset, batches: list[list[int]]
-                     ) -> Iterator[tuple[torch.Tensor | None, list[int], list[Skipped]]]:
-    """CPU embedding: decode each batch on a thread pool of every core, then let the model run, in turns.
+def _pixels_of(dataset: torch.utils.data.Dataset, source: Source, pre: dict[str, Any]
+               ) -> torch.utils.data.Dataset:
+    """The same items as uint8 pixels (3, S, S) instead of normalized floats (see _decode_ahead)."""
+    pixels = pixel_transform(pre)
+    if isinstance(dataset, ArrayDataset):
+        return ArrayDataset(dataset.array, pixels)
+    return SourceDataset(source, pixels)
+
+
+def _decode_ahead(dataset: torch.utils.data.Dataset, pre: dict[str, Any], batches: list[list[int]]
+                  ) -> Iterator[tuple[torch.Tensor | None, list[int], list[Skipped]]]:
+    """CPU embedding: decode the next batch on background-priority threads while the model runs.
 
     The model's intra-op threads use every core; a decoding process beside them preempts one of them
     and the others wait for it at every barrier, so it costs the model more than its own CPU time
-    (measured on 2 cores, ViT-S/16, 3 interleaved rounds: a worker process gave 0.79 of the bare
-    model's speed in bf16 and 0.93 in fp32, taking turns 0.85 and 0.95). Pillow releases the GIL while
-    it decodes and resizes, so the threads decode in parallel. ``num_workers=`` given: processes.
+    (2 cores, ViT-S/16 bf16: a worker process gave 0.79 of the bare model's speed, decoding between
+    two forwards 0.85). Threads at nice 19 (Linux: per thread) take the cores only when the model
+    leaves them idle, and Pillow releases the GIL while it decodes and resizes; elsewhere the batch is
+    decoded between two forwards. ``dataset`` yields uint8 pixels, normalized once per batch
+    (:func:`normalize_pixels`). ``num_workers=`` given: worker processes instead.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     get = cast(Callable[[int], Any], dataset.__getitem__)
-    with ThreadPoolExecutor(max_workers=max(1, usable_cores()), thread_name_prefix="dinokit-decode") as pool:
-        for b in batches:
-            batch = collate_skipping(list(pool.map(get, b)))
-            yield batch.images, batch.indices.tolist(), list(batch.skipped)
+    ahead = sys.platform.startswith("linux")
+    with ThreadPoolExecutor(max_workers=max(1, usable_cores()), thread_name_prefix="dinokit-decode",
+                            initializer=_background_priority if ahead else None) as pool:
+        pending: list[Future[Any]] | None = None
+        for j, b in enumerate(batches):
+            items = [f.result() for f in (pending or [pool.submit(get, i) for i in b])]
+            nxt = batches[j + 1] if ahead and j + 1 < len(batches) else None
+            pending = [pool.submit(get, i) for i in nxt] if nxt else None
+            batch = collate_skipping(items)
+            x = None if batch.images is None else normalize_pixels(batch.images, pre["mean"], pre["std"])
+            yield x, batch.indices.tolist(), list(batch.skipped)
+
+
+def _background_priority() -> None:
+    """Lower the calling thread to nice 19 (on Linux a thread's own priority; never fails the run)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _batches_of(start: int, stop: int, batch_size: int) -> list[list[int]]:

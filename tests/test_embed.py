@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +14,8 @@ from conftest import make_tiny_vit
 from PIL import Image
 from test_images import write_bad_files
 
-from dinokit.data.images import ImageError, load_rgb
-from dinokit.data.transforms import eval_transform
+from dinokit.data.images import ImageError, Skipped, load_rgb
+from dinokit.data.transforms import eval_transform, normalize_pixels, pixel_transform, preprocessing_config
 from dinokit.embedding import Embeddings, compute_features, embed, load_embeddings
 
 
@@ -74,6 +77,8 @@ def test_embed_arrays_tensors_and_paths(tiny_vit: torch.nn.Module, tmp_path: Pat
     torch.testing.assert_close(e1.features, ref, atol=1e-5, rtol=1e-5)
     e2 = embed(tiny_vit, torch.from_numpy(arr), batch_size=4, num_workers=1, image_size=32)
     torch.testing.assert_close(e2.features, ref, atol=1e-5, rtol=1e-5)
+    e2b = embed(tiny_vit, arr, batch_size=2, image_size=32, device="cpu")  # uint8 pixels normalized per batch
+    torch.testing.assert_close(e2b.features, ref, atol=1e-5, rtol=1e-5)
     # RGB arrays, and float tensors taken as ready model input
     rgb = np.random.default_rng(2).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
     x = torch.stack([t(Image.fromarray(a)) for a in rgb])
@@ -229,3 +234,45 @@ def test_squash_crop_mode_resizes_both_sides_as_dinov3() -> None:
     assert torch.allclose(got, ref, atol=1e-6)
     center = eval_transform({**cfg, "crop_mode": "center"})(img)
     assert not torch.allclose(got, center, atol=1e-2)
+
+
+def test_normalize_pixels_equals_to_tensor_and_normalize() -> None:
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 256, (33, 30), dtype=np.uint8))]  # grayscale: 3 equal channels
+    p = preprocessing_config({"mean": (0.5, 0.25, 0.1), "std": (0.2, 0.3, 0.4)}, 32)
+    pixels = torch.stack([pixel_transform(p)(im) for im in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 32, 32)
+    x = normalize_pixels(pixels, p["mean"], p["std"])
+    ref = torch.stack([eval_transform({"mean": (0.5, 0.25, 0.1), "std": (0.2, 0.3, 0.4)}, 32)(im) for im in images])
+    assert x.is_contiguous() and x.dtype == torch.float32
+    torch.testing.assert_close(x, ref, atol=1e-6, rtol=0)
+    assert x[0, 2].min() < -0.2 and x[1, 0].max() > 2.4  # the per-channel constants really differ
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(pixels.float(), p["mean"], p["std"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_decode_ahead_keeps_order_and_runs_at_background_priority() -> None:
+    from dinokit.embedding import _decode_ahead
+
+    seen: list[tuple[int, int]] = []
+
+    class Pixels(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 7
+
+        def __getitem__(self, i: int) -> object:
+            seen.append((i, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+            if i == 4:
+                return Skipped(i, "4.jpg", "truncated")
+            return torch.full((3, 2, 2), 10 * i, dtype=torch.uint8), i
+
+    pre = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    out = list(_decode_ahead(Pixels(), pre, [[0, 1, 2], [3, 4, 5], [6]]))
+    assert [idx for _, idx, _ in out] == [[0, 1, 2], [3, 5], [6]]
+    assert [len(bad) for _, _, bad in out] == [0, 1, 0] and out[1][2][0].path == "4.jpg"
+    x = out[1][0]
+    assert x is not None and x.dtype == torch.float32 and x[:, 0, 0, 0].tolist() == pytest.approx([30 / 255, 50 / 255])
+    assert sorted(i for i, _ in seen) == list(range(7))
+    assert {nice for _, nice in seen} == {19}  # decoding never competes with the model's threads

@@ -168,7 +168,7 @@ OptionalModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_MOD
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if available).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", help="Decoding processes (default: on the CPU a thread pool that decodes between forwards, "
+    "--workers", help="Decoding processes (default: on the CPU low-priority threads that decode the next batch, "
                       "since worker processes would fight the model's threads for the cores; on a GPU cores - 1, "
                       "at most 8).")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Crop size (default: the model's); the resize "

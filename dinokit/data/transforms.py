@@ -8,9 +8,11 @@ so a model with another input size gets the same recipe scaled.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
@@ -107,3 +109,32 @@ def eval_transform(cfg_or_model: nn.Module | Mapping[str, Any] | None = None,
         T.ToTensor(),
         T.Normalize(p["mean"], p["std"]),
     ])
+
+
+def pixel_transform(p: Mapping[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image (any mode) -> the resized, center-cropped RGB pixels, uint8 (3, S, S).
+
+    ``p``: a :func:`preprocessing_config`. :func:`eval_transform` without its float steps: batches of
+    these go through :func:`normalize_pixels` once, ~4x cheaper than ToTensor + Normalize per image.
+    """
+    geometry = resize_and_crop(p)
+
+    def pixels(img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(geometry(ensure_rgb(img)), dtype=np.uint8)).permute(2, 0, 1)
+
+    return pixels
+
+
+def normalize_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels (B, 3, S, S) -> float32 model input (B, 3, S, S), = ToTensor + Normalize per image.
+
+    One multiply and one subtract per channel straight from uint8 (x / (255 std) - mean / std), no
+    float copy of the whole batch in between; equal to the per-image steps within float32 rounding.
+    """
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"pixels must be uint8 (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for c in range(3):
+        torch.mul(x[:, c], 1.0 / (255.0 * std[c]), out=out[:, c])
+        out[:, c].sub_(mean[c] / std[c])
+    return out

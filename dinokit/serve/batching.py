@@ -40,7 +40,7 @@ class Embedder:
     def __init__(self, model: nn.Module, *, feature: str = "cls", image_size: int | None = None,
                  device: str | torch.device | None = None) -> None:
 
-        from dinokit.data.transforms import preprocessing_config, resize_and_crop
+        from dinokit.data.transforms import pixel_transform, preprocessing_config
         from dinokit.devices import resolve_device
         from dinokit.embedding import check_features
 
@@ -48,24 +48,21 @@ class Embedder:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         p = preprocessing_config(model, image_size)
-        self.resize = resize_and_crop(p)
+        self.pixels = pixel_transform(p)
         # JPEG queries are decoded at the smallest DCT scale that keeps 2x the resize target (limits.decode_image)
         self.draft_to = 2 * int(p["resize_size"])
-        self.mean = torch.tensor(p["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(p["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean, self.std = p["mean"], p["std"]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A PIL image (any mode) -> the resized, center-cropped RGB pixels, uint8 (3, S, S)."""
-        from dinokit.data.images import to_rgb
-
-        rgb = self.resize(image if image.mode == "RGB" else to_rgb(image))
-        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+        return self.pixels(image)
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """uint8 pixels (B, 3, S, S) -> L2-normalized features (B, D) float32 (cosine = inner product)."""
+        from dinokit.data.transforms import normalize_pixels
         from dinokit.embedding import compute_features
 
-        x = x.float().div(255).sub_(self.mean).div_(self.std)  # = ToTensor + Normalize
+        x = normalize_pixels(x, self.mean, self.std)
         with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             y = compute_features(self.model, x.to(self.device), self.feature)
