@@ -36,24 +36,22 @@ if nb is not None:
         return (b ^ ((b >> 15) & 0x7FFF)) + 32768
 
     @nb.njit(nogil=True, cache=True)
-    def kth_largest(keys, n, k, hist):
-        """k-th largest of ``keys[:n]`` (ints in [0, 65536)), two 8-bit radix passes."""
-        hist[:] = 0
-        for i in range(n):
-            hist[keys[i] >> 8] += 1
-        hi = 255
-        while hist[hi] < k:  # bins from the top until the k-th largest is inside
-            k -= hist[hi]
-            hi -= 1
-        hist[:] = 0
-        for i in range(n):
-            if (keys[i] >> 8) == hi:
-                hist[keys[i] & 255] += 1
-        lo = 255
-        while hist[lo] < k:
-            k -= hist[lo]
-            lo -= 1
-        return (hi << 8) | lo
+    def kth_largest(keys, n, k, hist, nbytes):
+        """k-th largest of ``keys[:n]`` (ints in [0, 256**nbytes)): one 8-bit radix pass per byte,
+        from the top byte down, each counting only the keys that match the bytes chosen so far."""
+        prefix, mask = 0, 0
+        for shift in range(8 * (nbytes - 1), -1, -8):
+            hist[:] = 0
+            for i in range(n):
+                if (keys[i] & mask) == prefix:
+                    hist[(keys[i] >> shift) & 255] += 1
+            b = 255
+            while hist[b] < k:  # bins from the top until the k-th largest is inside
+                k -= hist[b]
+                b -= 1
+            prefix |= b << shift
+            mask |= 255 << shift
+        return prefix
 
     @nb.njit(nogil=True, cache=True, fastmath=True)
     def select_row(row, kk, group, out_i, out_k, gmax, keys, ck, ci, hist):
@@ -72,7 +70,7 @@ if nb is not None:
                     for m in range(group):
                         best = max(best, to_key(row[m * w + j]))
                     keys[j] = best
-        g = kth_largest(keys, w, kk, hist)  # <= the kk-th largest element
+        g = kth_largest(keys, w, kk, hist, 2)  # <= the kk-th largest element
         cnt = 0
         for j in range(w):
             if keys[j] >= g:
@@ -84,7 +82,7 @@ if nb is not None:
                         ck[cnt] = key
                         ci[cnt] = m * w + j
                         cnt += 1
-        t = kth_largest(ck, cnt, kk, hist)
+        t = kth_largest(ck, cnt, kk, hist, 2)
         o = 0
         for i in range(cnt):  # every key above t, then keys equal to t up to kk
             if ck[i] > t:
@@ -121,23 +119,6 @@ if nb is not None:
         return (b ^ ((b >> 31) & 0x7FFFFFFF)) + 2147483648
 
     @nb.njit(nogil=True, cache=True)
-    def kth_largest_u32(keys, n, k, hist):
-        """k-th largest of ``keys[:n]`` (ints in [0, 2^32)): four 8-bit radix passes."""
-        prefix, mask = 0, 0
-        for shift in (24, 16, 8, 0):
-            hist[:] = 0
-            for i in range(n):
-                if (keys[i] & mask) == prefix:
-                    hist[(keys[i] >> shift) & 255] += 1
-            b = 255
-            while hist[b] < k:
-                k -= hist[b]
-                b -= 1
-            prefix |= b << shift
-            mask |= 255 << shift
-        return prefix
-
-    @nb.njit(nogil=True, cache=True)
     def select_row_f32(row, k, group, out_i, out_v, gmax, gkeys, ck, ci, ties, hist):
         w = row.shape[0] // group
         bits = row.view(np.int32)
@@ -149,7 +130,7 @@ if nb is not None:
             if gmax[j] != gmax[j]:
                 return False  # NaN in the row: let the caller use torch
             gkeys[j] = f32_key(gbits[j])
-        g = kth_largest_u32(gkeys, w, k, hist)  # k distinct elements are >= g: the k-th largest is >= g
+        g = kth_largest(gkeys, w, k, hist, 4)  # k distinct elements are >= g: the k-th largest is >= g
         cnt = 0
         for j in range(w):
             if gkeys[j] >= g:
@@ -169,7 +150,7 @@ if nb is not None:
                 ck[cnt] = key
                 ci[cnt] = c
                 cnt += 1
-        t = kth_largest_u32(ck, cnt, k, hist)
+        t = kth_largest(ck, cnt, k, hist, 4)
         o, nt = 0, 0
         for i in range(cnt):  # every key above t; the columns of the keys equal to t
             if ck[i] > t:
