@@ -16,7 +16,8 @@ Modes:
 - ``dinokit``: dinokit's own ``TrainState``/``step`` with its defaults on this CPU: precision "auto"
   (``dinokit.training.precision.choose_precision``: fp32 at once on CPUs without native bf16, else a
   short fp32/bf16 probe), the attention choice of ``TrainState.prepare``, batched tensor multi-crop.
-- ``dinokit-fp32`` / ``dinokit-bf16``: the same step with the precision forced.
+- ``dinokit-fp32`` / ``dinokit-bf16``: the same step with the precision forced; ``dinokit-fp32-compile``: fp32
+  with both backbones through ``torch.compile`` (the config's ``compile: true``; its first steps compile).
 
 Each (config, mode) runs in its own subprocess (peak RSS is its own); modes are interleaved over
 ``--rounds`` rounds so that machine-load drift hits all alike. Augmentation and model step are timed
@@ -71,7 +72,8 @@ OFFICIAL_VIT = {  # the same ViTs in the official code's terms
 }
 LABELS = {"official": "official (real facebookresearch/dino code)",
           "official-reimpl": "official-style (re-implemented)", "dinokit": "dinokit (defaults)",
-          "dinokit-fp32": "dinokit fp32", "dinokit-bf16": "dinokit bf16"}
+          "dinokit-fp32": "dinokit fp32", "dinokit-bf16": "dinokit bf16",
+          "dinokit-fp32-compile": "dinokit fp32, torch.compile (inductor CPU)"}
 STAGES = ("teacher fwd", "student fwd", "loss", "backward", "clip", "optimizer", "EMA", "other")
 
 
@@ -236,6 +238,8 @@ def _dinokit_runner(cfg: Any, mode: str, student: Any, teacher: Any, ipe: int) -
     from dinokit.training.state import TrainState, step
 
     dev = torch.device("cpu")
+    if mode.endswith("-compile"):  # both backbones through torch.compile (config ``compile: true``)
+        cfg = cfg.replace({"compile": True})
     if mode == "dinokit":  # the loop's own "auto" choice (a short probe where the CPU has native bf16)
         precision = choose_precision(cfg.replace({"precision": "auto"}), dev, student, teacher, probe_views(cfg, dev))
     else:
