@@ -15,19 +15,12 @@
 # OFFICIAL_DINO_DIR holds the *.py files of a facebookresearch/dino snapshot, read at run time and never
 # committed: `git --git-dir=<fetched mirror> archive HEAD main_dino.py utils.py vision_transformer.py | tar -x -C DIR`.
 # Environment: PYTHON (default .venv/bin/python, else python3), THREADS (default 2).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/_env.sh"  # strict mode, cd to the repository root, ROOT, PY, PYTHONPATH
 THREADS=${THREADS:-2}
 
 OFFICIAL=${1:-}
 if [ -z "$OFFICIAL" ] || [ ! -f "$OFFICIAL/main_dino.py" ]; then
-  echo "cpu_check.sh: first argument must be a folder with facebookresearch/dino's main_dino.py (see --help in the header)" >&2
+  echo "cpu_check.sh: first argument must be a folder with facebookresearch/dino's main_dino.py (usage: the comment at the top of this script)" >&2
   exit 2
 fi
 shift

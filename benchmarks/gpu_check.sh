@@ -17,14 +17,7 @@
 # Environment: PYTHON (default .venv/bin/python, else python3), ITERS (timed steps, default 20),
 # FM_MINUTES (Fashion-MNIST budget, default 5). The repository root goes on PYTHONPATH, so an
 # environment with torch, timm and the other dependencies is enough (no install needed).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/_env.sh"  # strict mode, cd to the repository root, ROOT, PY, PYTHONPATH
 
 MODE=gpu
 if [ "${1:-}" = "--cpu" ] || [ "${1:-}" = "--dry" ]; then MODE=cpu; shift; fi
