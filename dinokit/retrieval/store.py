@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from dinokit._io import fsync_path
 from dinokit._validate import one_line
 from dinokit.retrieval.kinds import c_stdout_to_stderr, faiss
 from dinokit.retrieval.metadata import field_rows, filter_query
@@ -114,6 +115,11 @@ class Snapshot:
     @property
     def ntotal(self) -> int:
         return sum(len(s.ids) for s in self.segments)
+
+    @property
+    def main(self) -> Segment | None:
+        """The compacted main segment (None before the first compaction)."""
+        return next((s for s in self.segments if s.role == "main"), None)
 
 
 class Store:
@@ -406,32 +412,28 @@ class Store:
             return 0
         # written by faiss straight to the file: serializing to bytes first held two more copies of the
         # index in memory (3x its size at the peak)
-        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
-        return (self.folder / name).stat().st_size
+        return self._durable(name, lambda tmp: faiss.write_index(index, str(tmp)))
 
     def _write_bytes(self, name: str, data: Any) -> int:
-        assert self.folder is not None
-        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
-        return len(data)
+        return self._durable(name, lambda tmp: tmp.write_bytes(data))
 
     def _copy_file(self, src: Path, name: str) -> None:
-        """Copy ``src`` to ``name`` durably (temp file, fsync, rename), 1 MiB at a time."""
+        """Copy ``src`` to ``name`` durably, file to file."""
+        self._durable(name, lambda tmp: shutil.copyfile(src, tmp))
+
+    def _durable(self, name: str, write: Callable[[Path], object]) -> int:
+        """Write the file ``name`` durably: ``write(tmp)`` fills a temp file beside it, which is fsynced,
+        then renamed over ``name`` (the folder is synced once per commit, by :meth:`_sync_dir`).
+        Returns the file's size."""
         assert self.folder is not None
         tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(src, "rb") as r, open(tmp, "wb") as w:
-            shutil.copyfileobj(r, w, 1 << 20)
-            w.flush()
-            os.fsync(w.fileno())
-        os.replace(tmp, self.folder / name)
+        try:
+            write(tmp)
+            fsync_path(tmp)
+            os.replace(tmp, self.folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return (self.folder / name).stat().st_size
 
     def _sync_dir(self) -> None:
         if self.folder is not None:
