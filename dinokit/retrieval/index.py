@@ -552,17 +552,17 @@ class Index:
             from dinokit.retrieval.stream import can_compact_streamed, compact_streamed, live_ids
 
             budget = memory_budget or int(snap.meta.get("memory_budget") or DEFAULT_MEMORY_BUDGET)
-            n_live = len(live_ids(snap))
-            if n_live:
-                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, n_live,
+            ids = live_ids(snap)
+            if len(ids):
+                kind, knobs = resolve_kind(snap.meta["kind"], self.dim, len(ids),
                                            dict(snap.meta.get("knobs") or {}), budget)
             else:  # nothing left to train on: an empty exact index until the next compaction
                 kind, knobs = "flat", {}
             if can_compact_streamed(self._store, snap, kind, knobs):
-                compact_streamed(self._store, snap, kind, knobs)  # vectors never all in memory
+                compact_streamed(self._store, snap, kind, knobs, ids)  # vectors never all in memory
                 self._store.snapshot()
                 return True
-            ids, x = _live_vectors(snap)
+            x = _live_vectors(snap, ids)
             index = _reuse_or_build(snap, kind, knobs, ids, x)
             with self._store.write_lock():
                 self._store.install_main(x, ids, index, kind, knobs, replaces=[s.name for s in snap.segments])
@@ -846,26 +846,18 @@ def _metadata_rows(metadata: MetadataLike | None, keys: Sequence[str | None], ra
     return [check_metadata(m, f"item {i} ({raw[i]})") for i, m in enumerate(rows)]
 
 
-def _live_vectors(snap: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(ids sorted int64 (N,), vectors float32 (N, D)) of the live items of a snapshot."""
-    ids_parts, vec_parts = [], []
-    for seg in snap.segments:
-        live = ~np.isin(seg.ids, snap.deleted, assume_unique=True) if len(snap.deleted) else \
-            np.ones(len(seg.ids), bool)
-        ids_parts.append(seg.ids[live])
-        vec_parts.append(np.asarray(seg.vectors)[live])
-    if not ids_parts:
-        return np.zeros(0, np.int64), np.zeros((0, int(snap.meta["dim"])), np.float32)
-    ids = np.concatenate(ids_parts)
-    order = np.argsort(ids, kind="stable")
-    return ids[order], np.ascontiguousarray(np.concatenate(vec_parts)[order], dtype=np.float32)
+def _live_vectors(snap: Any, ids: np.ndarray) -> np.ndarray:
+    """Vectors float32 (N, D) of the sorted live ``ids`` of a snapshot, all in memory."""
+    from dinokit.retrieval.stream import live_vectors
+
+    return live_vectors(snap, ids)
 
 
 def _reuse_or_build(snap: Any, kind: str, knobs: dict[str, Any], ids: np.ndarray, x: np.ndarray) -> Any:
     """The new main FAISS index: the old one extended when nothing in it was removed and its kind and
     knobs still hold (O(new) work), an IVF-PQ refilled with its trained quantizers after removals, or
     a fresh build."""
-    main = next((s for s in snap.segments if s.role == "main"), None)
+    main = snap.main
     # on-disk inverted lists are not copied through memory: rebuilt (into memory) instead
     if main is not None and main.kind == kind != "flat" and snap.meta.get("main_knobs") == knobs \
             and not knobs.get("ondisk"):

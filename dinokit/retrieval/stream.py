@@ -32,7 +32,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -198,7 +198,7 @@ def _trained_index(folder: str | os.PathLike[str], kind: str, knobs: dict[str, A
     store = Store.open(Path(folder), read_only=True)
     try:
         meta = store.meta()
-        main = next((s for s in store.snapshot().segments if s.role == "main"), None)
+        main = store.snapshot().main
         if main is None or main.kind != kind or int(meta["dim"]) != dim or knobs.get("ondisk"):
             raise ValueError(f"{folder}: not an in-RAM ivfpq index of dimension {dim}")
         return _emptied(main.index)
@@ -216,12 +216,19 @@ def _extra_metadata(metadata: MetadataLike | None) -> dict[str, dict[str, Any]]:
     return {str(k): check_metadata(v, str(k)) for k, v in metadata.items()}
 
 
-def _npy_header(path: Path, n: int, dim: int) -> int:
-    """Create ``path`` as an (n, dim) float32 .npy file (sparse) and return where its data starts."""
+@contextlib.contextmanager
+def _vector_file(path: Path, n: int, dim: int) -> Iterator[BinaryIO]:
+    """Create ``path`` as an (n, dim) float32 .npy file (sparse) and yield it open at its first row, for
+    rows written in order with plain writes (the page cache, not this process, holds them); fsynced
+    when the block ends."""
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
     offset = int(mm.offset)
     del mm
-    return offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def shard_records(manifest: dict[str, Any], shards: tuple[int, int] | None) -> list[tuple[dict[str, Any], int]]:
@@ -251,10 +258,8 @@ def _write_vectors(store: Store, features_dir: Path, manifest: dict[str, Any],
         np.zeros(0, np.int64)
     sample = np.empty((len(positions), dim), np.float32)
     ids = np.empty(n, np.int64)
-    offset = _npy_header(path, n, dim)
     done = 0
-    with open(path, "r+b") as f:
-        f.seek(offset)
+    with _vector_file(path, n, dim) as f:
         for rec, row_offset in records:
             try:
                 arr, paths, cols = read_shard(features_dir, rec, manifest["feature_shape"])
@@ -282,8 +287,6 @@ def _write_vectors(store: Store, features_dir: Path, manifest: dict[str, Any],
             crash_point("index:shard-written")
             if progress is not None:
                 progress(done, 2 * n)
-        f.flush()
-        os.fsync(f.fileno())
     return ids, sample
 
 
@@ -437,7 +440,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
         kind, knobs = resolve_kind(str(first["kind"]), dim, n, dict(first.get("knobs") or {}), budget)
         if (kind, _layout(knobs)) == (first_kind, _layout(first_knobs)):
             knobs = first_knobs  # the first input's layout still holds: keep its search knobs too
-    mains = [next((seg for seg in snap.segments if seg.role == "main"), None) for snap in snaps]
+    mains = [snap.main for snap in snaps]
     reusable = first_kind == kind == "ivfpq" and _layout(first_knobs) == _layout(knobs) and not knobs.get("ondisk")
     same_trained = (reusable and reranks_from_disk(kind, knobs) and not renumber
                     and all(m is not None and m.kind == "ivfpq" for m in mains)
@@ -455,9 +458,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
         try:
             name = store.main_segment_name()
             path = tmp / (name + ".npy")
-            offset = _npy_header(path, n, dim)
-            with open(path, "r+b") as f:  # rows in merged id order, chunk by chunk
-                f.seek(offset)
+            with _vector_file(path, n, dim) as f:  # rows in merged id order, chunk by chunk
                 for s in range(0, n, chunk_rows):
                     rows_ = order[s:s + chunk_rows]
                     x = np.empty((len(rows_), dim), np.float32)
@@ -465,7 +466,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
                     for i, snap in enumerate(snaps):
                         mine = source[rows_] == i
                         if mine.any():
-                            x[mine] = _gather(snap, old_ids[rows_[mine]])
+                            x[mine] = live_vectors(snap, old_ids[rows_[mine]])
                             got = stores[i].items(old_ids[rows_[mine]].tolist())
                             found.update({int(r): got[int(old_ids[r])] for r in rows_[mine]})
                     f.write(x.data)
@@ -476,8 +477,6 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
                         raise _duplicate_error(stores, folders, store, [it[1] for it in items]) from e
                     if progress is not None:
                         progress(s + len(rows_), 2 * n)
-                f.flush()
-                os.fsync(f.fileno())
             if kind == "flat":
                 index = None
             elif same_trained:  # identical quantizers: concatenate the inverted lists, no re-encoding
@@ -495,7 +494,7 @@ def _merge(stores: list[Store], folders: list[Path], out: Path, budget: int, chu
     return write_folder(out, fill)
 
 
-def _gather(snap: Any, want: np.ndarray) -> np.ndarray:
+def live_vectors(snap: Any, want: np.ndarray) -> np.ndarray:
     """Vectors (len(want), D) of the sorted live ids ``want`` of a snapshot, from whichever segment holds them."""
     x = np.empty((len(want), int(snap.meta["dim"])), np.float32)
     found = np.zeros(len(want), bool)
@@ -533,33 +532,29 @@ def _trained_copy(main: Any, kind: str, knobs: dict[str, Any], path: Path, n: in
 def can_compact_streamed(store: Store, snap: Any, kind: str, knobs: dict[str, Any]) -> bool:
     """True when the compaction of ``snap`` into (kind, knobs) can stream: a folder store whose main
     segment is an in-RAM-lists IVF-PQ re-ranking from disk with the same layout (its quantizers reused)."""
-    main = next((seg for seg in snap.segments if seg.role == "main"), None)
+    main = snap.main
     main_knobs = dict(snap.meta.get("main_knobs") or {})
     return (store.folder is not None and main is not None and main.kind == kind == "ivfpq"
             and reranks_from_disk(kind, knobs) and not knobs.get("ondisk")
             and _layout(main_knobs) == _layout(knobs))
 
 
-def compact_streamed(store: Store, snap: Any, kind: str, knobs: dict[str, Any],
+def compact_streamed(store: Store, snap: Any, kind: str, knobs: dict[str, Any], ids: np.ndarray,
                      chunk_rows: int = CHUNK_ROWS) -> None:
-    """Compact ``snap`` (claimed) without holding its vectors: the live rows of every segment are
+    """Compact ``snap`` (claimed) without holding its vectors: the live rows ``ids`` (:func:`live_ids`) are
     written in id order into a new vector file chunk by chunk (outside the write lock, the file named
     in the claim so that other writers leave it alone), re-added to an emptied copy of the main
     segment's trained index, and the new segment is installed by one commit."""
     assert store.folder is not None
-    main = next(seg for seg in snap.segments if seg.role == "main")
-    ids = live_ids(snap)
+    main = snap.main
+    assert main is not None  # can_compact_streamed checked it
     n, dim = len(ids), int(snap.meta["dim"])
     with store.write_lock():
         name = store.claim_new_main()
     path = store.folder / (name + ".npy")
-    offset = _npy_header(path, n, dim)
-    with open(path, "r+b") as f:
-        f.seek(offset)
+    with _vector_file(path, n, dim) as f:
         for s in range(0, n, chunk_rows):
-            f.write(_gather(snap, ids[s:s + chunk_rows]).data)
-        f.flush()
-        os.fsync(f.fileno())
+            f.write(live_vectors(snap, ids[s:s + chunk_rows]).data)
     index = _add_vectors(_emptied(main.index), path, n, dim, chunk_rows, None, ondisk=None)
     with store.write_lock():
         store.install_main(None, ids, index, kind, knobs, replaces=[seg.name for seg in snap.segments], name=name)
