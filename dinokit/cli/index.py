@@ -9,7 +9,17 @@ from typing import Any
 
 import typer
 
-from dinokit.cli._common import _fail, _print_json, _progress, app, console, out, progress_bar, report_skipped
+from dinokit.cli._common import (
+    WorkersOpt,
+    _fail,
+    _print_json,
+    _progress,
+    app,
+    console,
+    out,
+    progress_bar,
+    report_skipped,
+)
 
 index_app = typer.Typer(help="FAISS image search: build, add to, search, filter and inspect an index.",
                         no_args_is_help=True)
@@ -113,7 +123,7 @@ def index_build_cmd(
                                              "training, so that `index merge` joins the parts without re-encoding."),
     image_size: int | None = typer.Option(None, "--image-size", help="Crop size (default: the model's)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    workers: WorkersOpt = None,
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
     threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Walk into links that lead outside FOLDER "
@@ -221,7 +231,7 @@ def index_add_cmd(
     compact: bool = typer.Option(False, "--compact", help="Compact afterwards when it pays off "
                                  "(many small segments or removed items)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    workers: int | None = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    workers: WorkersOpt = None,
     device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: cuda if available)."),
     threads: int | None = typer.Option(None, "--threads", help="FAISS threads (default: all cores)."),
 ) -> None:

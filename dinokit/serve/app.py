@@ -35,6 +35,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from dinokit.devices import usable_cores
 from dinokit.serve import auth, fastjson
 from dinokit.serve.backend import Backend, Hit, ReadOnlyIndexError
 from dinokit.serve.batching import Batcher, Embedder, SearchBatcher
@@ -88,7 +89,7 @@ class _State:
         self.searcher = SearchBatcher(backend.search_vectors)
         # uploads are decoded on as many threads as cores (not one of Starlette's 40 per request: 32
         # concurrent decodes would only fight over the GIL and the cores the model needs)
-        self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="dinokit-decode")
+        self.decoders = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="dinokit-decode")
 
     async def prepare(self, data: bytes, name: str, box: str | None) -> Any:
         """:func:`_prepare` on a decode thread."""
@@ -143,17 +144,18 @@ def create_app(config: ServeConfig, *, model: Any = None) -> FastAPI:
     _add_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_docs(app)
+    cors: dict[str, Any] = {"allow_origins": list(config.cors), "allow_methods": ["GET", "POST", "DELETE"],
+                            "allow_headers": ["Authorization", "Content-Type"]}
+    max_bytes = int(config.max_upload_mb * 2**20)
     if config.cors:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors), allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimit, max_bytes=int(config.max_upload_mb * 2**20))
+        app.add_middleware(CORSMiddleware, **cors)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     # POST /search through the same middlewares (metrics, upload limit, CORS) but not FastAPI's layers
     lane: Any = SearchLane(state)
     if config.cors:
-        lane = CORSMiddleware(lane, allow_origins=list(config.cors), allow_methods=["GET", "POST", "DELETE"],
-                              allow_headers=["Authorization", "Content-Type"])
-    app.search_lane = MetricsMiddleware(BodyLimit(lane, max_bytes=int(config.max_upload_mb * 2**20)), state.metrics)
+        lane = CORSMiddleware(lane, **cors)
+    app.search_lane = MetricsMiddleware(BodyLimit(lane, max_bytes=max_bytes), state.metrics)
     app.search_route = next(r for r in app.routes if getattr(r, "path", None) == "/search")
     return app
 
