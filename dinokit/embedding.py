@@ -14,6 +14,7 @@ onnxruntime on the CPU (``runtime="onnx"``: the model exported once to a cached 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -453,11 +454,17 @@ def embed_precision(dev: torch.device, precision: str = "auto") -> str:
         precision = pinned
     if precision != "auto":
         if precision == "bf16" and dev.type == "cpu" and not cpu_has_native_bf16():
-            log.warning("precision bf16 on a CPU without native bf16: emulated, much slower than fp32")
+            _warn_once("precision bf16 on a CPU without native bf16: emulated, much slower than fp32")
         return precision
     if dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16()):
         return "bf16"
     return "fp32"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A warning said once per process (a sharded job asks for the precision more than once)."""
+    log.warning(message)
 
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]

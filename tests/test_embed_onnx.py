@@ -125,6 +125,16 @@ def test_auto_precision_never_picks_emulated_bf16(monkeypatch: pytest.MonkeyPatc
     assert embed_precision(CPU, "fp32") == "fp32" and embed_precision(CPU, "bf16") == "bf16"
 
 
+def test_emulated_bf16_is_warned_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A sharded job asks for its precision twice (job description, forward): one warning, not two."""
+    monkeypatch.setattr(embedding, "cpu_has_native_bf16", lambda: False)
+    embedding._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="dinokit.embedding"):
+        assert embed_precision(CPU, "bf16") == embed_precision(CPU, "bf16") == "bf16"
+    assert [r.getMessage() for r in caplog.records] == [
+        "precision bf16 on a CPU without native bf16: emulated, much slower than fp32"]
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_what_embed_runs(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """bf16 autocast changes features a little (> 1e-4), fp32 not at all: embed follows the choice."""
