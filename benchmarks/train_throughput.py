@@ -21,9 +21,12 @@ Modes:
 
 Each (config, mode) runs in its own subprocess (peak RSS is its own); modes are interleaved over
 ``--rounds`` rounds so that machine-load drift hits all alike. Augmentation and model step are timed
-separately (the step runs on pre-augmented batches); img/s = batch / (aug + step). The first step of
-every run warms up and is not timed; it runs under ``FlopCounterMode``, which gives the FLOPs of the
-step (matmuls/convolutions/attention of teacher forward, student forward and backward). The fp32
+separately (the step runs on pre-augmented batches); img/s = batch / (aug + step). The first
+``--warmup`` steps of every run (3) are not timed: the first runs under ``FlopCounterMode``, which
+gives the FLOPs of the step (matmuls/convolutions/attention of teacher forward, student forward and
+backward), and the next ones let glibc's malloc settle (its mmap threshold adapts over the first
+steps; with a single warm-up step the timed ones included seconds of page faults, official and
+dinokit alike). The fp32
 GEMM peak (``torch.matmul`` 4096^3, same threads) is measured in the same process before and after the
 timed steps; ``% peak`` = step FLOPs / step time / mean peak. ``--profile`` splits the step by stage.
 
@@ -127,7 +130,7 @@ class Stopwatch:
 
 
 # ------------------------------------------------------------------------------ the real official step
-def run_official(config: str, iters: int, repo: str, profile: bool) -> dict[str, Any]:
+def run_official(config: str, iters: int, warmup: int, repo: str, profile: bool) -> dict[str, Any]:
     """Augmentation and ``train_one_epoch`` steps of the official code (imported from ``repo``)."""
     import random
 
@@ -145,17 +148,20 @@ def run_official(config: str, iters: int, repo: str, profile: bool) -> dict[str,
     np.random.seed(0)
     aug = official_dino.augmentation(off, tuple(d.global_crops_scale), tuple(d.local_crops_scale),
                                      d.local_crops_number, d.global_crops_size, d.local_crops_size)
-    batches, aug_times = _pil_batches(aug, _images(config, b * (iters + 1)), b, iters + 1)
-    out: dict[str, Any] = {"aug_s": aug_times[1:], "official_commit": off.commit}
+    n = warmup + iters
+    batches, aug_times = _pil_batches(aug, _images(config, b * n), b, n)
+    out: dict[str, Any] = {"aug_s": aug_times[warmup:], "official_commit": off.commit}
     watch = Stopwatch()
     with official_dino.cpu_shims(off), redirect_stdout(sys.stderr):  # its MetricLogger prints
         parts = official_dino.build(off, OFFICIAL_VIT[config], cfg.model.out_dim, 2 + d.local_crops_number, b,
-                                    iters_per_epoch=iters)
+                                    iters_per_epoch=max(iters, warmup))
         if profile:
             _instrument_official(off, parts, watch)
         warm = official_dino.TimedLoader(batches[:1])
         _, out["step_flops"] = _machine.count_flops(lambda: official_dino.train_epoch(off, parts, warm))
-        loader = official_dino.TimedLoader(batches[1:])
+        if warmup > 1:
+            official_dino.train_epoch(off, parts, official_dino.TimedLoader(batches[1:warmup]))
+        loader = official_dino.TimedLoader(batches[warmup:])
         watch.on = True
         with _machine.peak_around(out):
             official_dino.train_epoch(off, parts, loader)
@@ -180,7 +186,7 @@ def _instrument_official(off: Any, parts: dict[str, Any], watch: Stopwatch) -> N
 
 
 # ------------------------------------------------------------------------------ dinokit and the re-implementation
-def run_dinokit(config: str, mode: str, iters: int, profile: bool) -> dict[str, Any]:
+def run_dinokit(config: str, mode: str, iters: int, warmup: int, profile: bool) -> dict[str, Any]:
     """Augmentation and steps of dinokit's own ``TrainState``/``step`` (or of the re-implementation)."""
     import torch
 
@@ -191,33 +197,36 @@ def run_dinokit(config: str, mode: str, iters: int, profile: bool) -> dict[str, 
     cfg = TrainConfig().replace(CONFIGS[config])
     b = cfg.optim.batch_size_per_gpu
     spec = MultiCropSpec.from_config(cfg.data)
-    images = _images(config, b * (iters + 1))
+    n = warmup + iters
+    images = _images(config, b * n)
     torch.manual_seed(0)
     student, teacher = build_models(cfg)
     watch = Stopwatch()
     if mode == "official-reimpl":
         gen = torch.Generator().manual_seed(0)
         pil = PILMultiCrop(spec)
-        batches, aug_times = _pil_batches(lambda im: pil(im, gen), images, b, iters + 1)
+        batches, aug_times = _pil_batches(lambda im: pil(im, gen), images, b, n)
         run, precision = _reimpl_runner(cfg, student, teacher, spec.ncrops, watch), "fp32"
     else:
         tm = TensorMultiCrop(spec)
         x = torch.from_numpy(images)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
         batches, aug_times = [], []
-        for i in range(iters + 1):
+        for i in range(n):
             t0 = time.perf_counter()
             batches.append(tm(x[i * b:(i + 1) * b], torch.Generator().manual_seed(i)))
             aug_times.append(time.perf_counter() - t0)
-        run, precision = _dinokit_runner(cfg, mode, student, teacher, iters + 1)
-    out: dict[str, Any] = {"aug_s": aug_times[1:], "precision": precision}
+        run, precision = _dinokit_runner(cfg, mode, student, teacher, n)
+    out: dict[str, Any] = {"aug_s": aug_times[warmup:], "precision": precision}
     if profile and mode != "official-reimpl":
         _instrument_dinokit(run, watch)
     _, out["step_flops"] = _machine.count_flops(lambda: run(batches[0]))
+    for crops in batches[1:warmup]:
+        run(crops)
     times, cpu = [], []
     watch.on = True
     with _machine.peak_around(out):
-        for crops in batches[1:]:
+        for crops in batches[warmup:]:
             t0, c0 = time.perf_counter(), time.process_time()
             run(crops)
             times.append(time.perf_counter() - t0)
@@ -329,16 +338,17 @@ def _reimpl_step(crops: list[Any], student: Any, teacher: Any, optimizer: Any, l
         w.add(stage, z - a)
 
 
-def worker(config: str, mode: str, iters: int, threads: int, repo: str | None, profile: bool) -> dict[str, Any]:
+def worker(config: str, mode: str, iters: int, warmup: int, threads: int, repo: str | None,
+           profile: bool) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
     if mode == "official":
         if not repo:
             raise SystemExit("mode official needs --official-repo PATH (a facebookresearch/dino snapshot)")
-        out = run_official(config, iters, repo, profile)
+        out = run_official(config, iters, warmup, repo, profile)
     else:
-        out = run_dinokit(config, mode, iters, profile)
+        out = run_dinokit(config, mode, iters, warmup, profile)
     from dinokit.training.config import TrainConfig
 
     out.update(config=config, mode=mode, threads=threads,
@@ -395,15 +405,22 @@ def main() -> None:
     ap.add_argument("--modes", default="official,dinokit,dinokit-fp32",
                     help="comma list of " + ", ".join(LABELS) + "; the first is the baseline of the ratios")
     ap.add_argument("--official-repo", help="folder of a facebookresearch/dino snapshot (needed by mode official)")
-    ap.add_argument("--iters", type=int, default=3, help="timed iterations per run (plus 1 warm-up)")
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations per run (after the warm-up ones)")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed iterations first (the first counts the FLOPs); glibc malloc adapts its mmap "
+                         "threshold over the first steps (fp32 Fashion-MNIST: 411k page faults and 2.7 s of system "
+                         "time in the first step, 55k and 0.15 s by the sixth), so 1 times the allocator's warm-up")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every mode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="split each step by stage")
     ap.add_argument("--log-runs", help="append every worker's JSON result to this file as soon as it ends")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1 (the first step counts the FLOPs)")
     if args.worker:
-        res = worker(args.worker[0], args.worker[1], args.iters, args.threads, args.official_repo, args.profile)
+        res = worker(args.worker[0], args.worker[1], args.iters, args.warmup, args.threads, args.official_repo,
+                     args.profile)
         print(json.dumps(res))
         return
     modes = args.modes.split(",")
@@ -416,7 +433,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for m in modes:
             cmd = [sys.executable, __file__, "--worker", args.config, m, "--iters", str(args.iters),
-                   "--threads", str(args.threads)] + (["--official-repo", args.official_repo]
+                   "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--official-repo", args.official_repo]
                                                       if args.official_repo else []) + (["--profile"] if args.profile else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
@@ -431,7 +448,7 @@ def main() -> None:
         r["x_baseline_model"] = ratios[r["mode"]]
         r["x_baseline_total"] = r["images_per_s"] / rows[0]["images_per_s"]
     info = _machine.machine_info(args.threads)
-    print(json.dumps({"config": args.config, "iters": args.iters, "rounds": args.rounds, "machine": info,
+    print(json.dumps({"config": args.config, "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "machine": info,
                       "official_commit": runs.get("official", [{}])[0].get("official_commit"), "rows": rows},
                      indent=2))
     _print_tables(args, rows, info, modes[0])
